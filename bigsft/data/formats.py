@@ -1,0 +1,172 @@
+"""Record formats: a raw record (a dict) -> one of a few typed examples.
+
+A record that does not fit its format raises `BadRecordError` with a short reason; the loader
+counts reasons and reports the first few with their `file:line`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class BadRecordError(ValueError):
+    """The record does not fit its format; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Chat turns; the loss covers assistant turns."""
+
+    messages: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Raw prompt and completion, no chat template; the loss covers the completion and EOS."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class PlainText:
+    """Continued pretraining: the loss covers every token."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """Sequence classification: a text (and optional second text) with a class."""
+
+    text: str
+    text_pair: str | None
+    label: int | str
+
+
+Example = Conversation | Completion | PlainText | Labeled
+
+
+def _field(record: Mapping[str, Any], columns: Mapping[str, str], name: str, *, required: bool = True,
+           kind: type | tuple[type, ...] = str) -> Any:
+    key = columns.get(name, name)
+    if key not in record or record[key] is None:
+        if required:
+            raise BadRecordError(f"missing field {key!r}")
+        return None
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, kind):  # a bool is never a text, id or list
+        raise BadRecordError(f"field {key!r} should be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"str": "text", "int": "an integer", "list": "a list"}.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _nonempty(text: str, what: str) -> str:
+    if not text.strip():
+        raise BadRecordError(f"empty {what}")
+    if "\ufffd" in text:
+        raise BadRecordError(f"undecodable bytes in {what}")
+    return text
+
+
+def parse_alpaca(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conversation:
+    instruction = _field(record, columns, "instruction")
+    extra = _field(record, columns, "input", required=False) or ""
+    output = _nonempty(_field(record, columns, "output"), "output")
+    system = _field(record, columns, "system", required=False)
+    history = _field(record, columns, "history", required=False, kind=list) or []
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "system", "content": system}] if system else []
+    for turn in history:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise BadRecordError("history turns should be [prompt, response] pairs of text")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    messages += [{"role": "user", "content": _nonempty(user, "instruction")}, {"role": "assistant", "content": output}]
+    return Conversation(messages)
+
+
+_ROLES = ("system", "user", "assistant", "tool")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
+
+
+def _check_turns(messages: list[dict[str, str]]) -> Conversation:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecordError("no assistant turn")
+    for m in messages:
+        if m["role"] == "assistant":
+            _nonempty(m["content"], "assistant turn")
+    return Conversation(messages)
+
+
+def parse_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conversation:
+    turns = _field(record, columns, "messages", kind=list)
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, Mapping):
+            raise BadRecordError("a message should be an object with role and content")
+        role = turn.get("role")
+        if role not in _ROLES:
+            raise BadRecordError(f"unknown role {role!r}")
+        content = turn.get("content")
+        if content is None and turn.get("tool_calls"):
+            import json
+
+            content = json.dumps(turn["tool_calls"], ensure_ascii=False)
+        if not isinstance(content, str):
+            raise BadRecordError(f"{role} message content should be text")
+        messages.append({"role": role, "content": content})
+    return _check_turns(messages)
+
+
+def parse_sharegpt(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conversation:
+    turns = _field(record, columns, "conversations", kind=list)
+    system = _field(record, columns, "system", required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    for turn in turns:
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
+            raise BadRecordError("a turn should be an object with from and value")
+        role = _SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise BadRecordError(f"unknown role {turn.get('from')!r}")
+        messages.append({"role": role, "content": turn["value"]})
+    return _check_turns(messages)
+
+
+def parse_prompt_completion(record: Mapping[str, Any], columns: Mapping[str, str]) -> Completion:
+    prompt = _field(record, columns, "prompt")
+    completion = _nonempty(_field(record, columns, "completion"), "completion")
+    return Completion(prompt, completion)
+
+
+def parse_text(record: Mapping[str, Any], columns: Mapping[str, str]) -> PlainText:
+    return PlainText(_nonempty(_field(record, columns, "text"), "text"))
+
+
+def parse_classification(record: Mapping[str, Any], columns: Mapping[str, str]) -> Labeled:
+    text = _nonempty(_field(record, columns, "text"), "text")
+    pair = _field(record, columns, "text_pair", required=False)
+    label = _field(record, columns, "label", kind=(int, str))
+    if isinstance(label, str):
+        label = label.strip()
+        if label.lstrip("-").isdigit():  # CSV/TSV cells are text: "1" is the class id 1
+            label = int(label)
+        elif not label:
+            raise BadRecordError("empty label")
+    return Labeled(text, pair, label)
+
+
+PARSERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str]], Example]] = {
+    "alpaca": parse_alpaca,
+    "messages": parse_messages,
+    "sharegpt": parse_sharegpt,
+    "prompt_completion": parse_prompt_completion,
+    "text": parse_text,
+    "classification": parse_classification,
+}

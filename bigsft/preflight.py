@@ -1,0 +1,165 @@
+"""Everything that can be checked before a process group or a model exists, reported at once.
+
+The config tree validates itself; here come the checks that need the environment: the world size
+(batch math), the DeepSpeed JSON against the run config, the model's config file and the task it
+can do, the data paths, the output directory, the accelerator.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigsft.config import ConfigError, RunConfig, TrainConfig
+from bigsft.dist import LaunchEnv
+from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchMath:
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    data_parallel_size: int
+    pipeline_stages: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
+
+    def describe(self) -> str:
+        return (f"micro {self.micro_batch_size} × accumulation {self.gradient_accumulation_steps} × "
+                f"data-parallel {self.data_parallel_size} = global {self.global_batch_size} samples per step"
+                + (f" (world {self.world_size} = {self.pipeline_stages} pipeline stages × "
+                   f"{self.data_parallel_size} data-parallel)" if self.pipeline_stages > 1 else ""))
+
+
+def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int) -> tuple[BatchMath | None, list[str]]:
+    if world_size % pipeline_stages:
+        return None, [f"pipeline.stages: {pipeline_stages} does not divide the world size {world_size}"]
+    dp = world_size // pipeline_stages
+    micro, accum, target = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
+    per_accum_step = micro * dp
+    if target is not None:
+        if accum is None:
+            if target % per_accum_step:
+                return None, [
+                    f"train.global_batch_size: {target} is not a multiple of train.micro_batch_size {micro} × "
+                    f"data-parallel world {dp} = {per_accum_step}; change one of them"
+                ]
+            accum = target // per_accum_step
+        elif accum * per_accum_step != target:
+            return None, [
+                f"batch math does not add up: train.micro_batch_size {micro} × gradient_accumulation_steps {accum} × "
+                f"data-parallel world {dp} = {accum * per_accum_step}, but train.global_batch_size is {target}"
+            ]
+    math = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=accum or 1, data_parallel_size=dp,
+                     pipeline_stages=pipeline_stages, world_size=world_size)
+    return math, []
+
+
+def run_values(cfg: RunConfig, batch: BatchMath, *, hidden_size: int | None, total_steps: int | None) -> RunValues:
+    t = cfg.train
+    warmup = None
+    if total_steps is not None:
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
+    return RunValues(
+        micro_batch_size=batch.micro_batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
+        data_parallel_size=batch.data_parallel_size, lr=t.lr, adam_betas=t.adam_betas, adam_eps=t.adam_eps,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, dtype=cfg.model.dtype, total_steps=total_steps,
+        warmup_steps=warmup, min_lr_ratio=t.min_lr_ratio, hidden_size=hidden_size,
+        pipeline_stages=cfg.pipeline.stages,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preflight:
+    cfg: RunConfig
+    launch: LaunchEnv
+    batch: BatchMath
+    ds_raw: dict
+    ds_label: str
+    ds: dict
+    hf_config: object
+    accelerator: str
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds)
+
+    @property
+    def offload_optimizer(self) -> str:
+        return offload_device(self.ds, "offload_optimizer")
+
+    def resolved_ds(self, total_steps: int) -> dict:
+        """The DeepSpeed dict once the total number of steps is known (it fills schedule fields)."""
+        values = run_values(self.cfg, self.batch, hidden_size=_hidden_size(self.hf_config), total_steps=total_steps)
+        return resolve_ds_config(self.ds_raw, self.ds_label, values, accelerator=self.accelerator)
+
+
+def _hidden_size(hf_config) -> int | None:
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _output_dir_problem(output_dir: str) -> str | None:
+    p = Path(output_dir).resolve()
+    if p.exists() and not p.is_dir():
+        return f"output_dir: {output_dir!r} exists and is not a directory"
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        return f"output_dir: {output_dir!r} is not writable ({parent} denies writing)"
+    return None
+
+
+def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
+    """All environment checks; raises one ConfigError listing every problem."""
+    from bigsft.data.sources import list_files
+    from bigsft.dist import accelerator_name
+    from bigsft.model import load_hf_config, task_problems
+
+    errors: list[str] = []
+    accelerator = accelerator_name()
+    batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages)
+    errors += problems
+
+    hf_config = None
+    try:
+        hf_config = load_hf_config(cfg.model)
+        errors += task_problems(hf_config, cfg.model.task, cfg.model.trust_remote_code)
+    except ConfigError as e:
+        errors += e.problems
+
+    ds_raw, ds_label, ds = {}, "", {}
+    try:
+        ds_raw, ds_label = load_ds_config(cfg.deepspeed)
+        if batch is not None:
+            values = run_values(cfg, batch, hidden_size=_hidden_size(hf_config), total_steps=cfg.train.max_steps)
+            ds = resolve_ds_config(ds_raw, ds_label, values, accelerator=accelerator)
+    except ConfigError as e:
+        errors += e.problems
+    if cfg.model.dtype == "bf16" and accelerator == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            errors.append("model.dtype: bf16 is not supported by this GPU; use fp16 or fp32")
+
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(cfg.data, split)):
+            try:
+                list_files(source, f"data.{split}[{i}]")
+            except ConfigError as e:
+                errors += e.problems
+    problem = _output_dir_problem(cfg.output_dir)
+    if problem:
+        errors.append(problem)
+    if errors:
+        raise ConfigError(errors)
+    return Preflight(cfg=cfg, launch=launch, batch=batch, ds_raw=ds_raw, ds_label=ds_label, ds=ds,
+                     hf_config=hf_config, accelerator=accelerator)
