@@ -298,10 +298,25 @@ def _all_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+# What other tools call our keys (HF Trainer, axolotl, LLaMA-Factory): named in the hint.
+_ALIASES = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "train.micro_batch_size",
+    "micro_batch_size": "train.micro_batch_size", "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs", "max_seq_length": "data.max_length", "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length", "logging_steps": "train.log_every", "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every", "warmup": "train.warmup_steps", "lr_scheduler_type": "train.lr_schedule",
+    "max_grad_norm": "train.max_grad_norm", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "base_model": "model.name_or_path", "model_name_or_path": "model.name_or_path", "torch_dtype": "model.dtype",
+    "seed": "train.seed", "datasets": "data.train", "output": "output_dir",
+}
+
+
 def _unknown_key_message(cls: type, key: str, where: str) -> str:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if close:
+    if key in _ALIASES and _ALIASES[key] != f"{where}.{key}".lstrip("."):
+        hint = f"did you mean {_ALIASES[key]!r}?"
+    elif close:
         hint = f"did you mean {(where + '.' if where else '') + close[0]!r}?"
     else:
         # The key may belong to another section: `lr` at the top level means `train.lr`.
@@ -350,6 +365,8 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw  # YAML 1.1 reads on/off/yes/no as booleans; on the command line they are words
         out.append((key.split("."), value))
     return out
 

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny tokenizer and models built from configs, synthetic data, launch helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("assets")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(assets) -> Path:
+    return tiny.build_tokenizer(assets / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(assets, tokenizer_dir) -> Path:
+    return tiny.build_model_dir(assets / "llama", tokenizer_dir, tiny.LLAMA)
+
+
+@pytest.fixture(scope="session")
+def alpaca_files(assets) -> tuple[Path, Path]:
+    records = tiny.alpaca_records(160, seed=1)
+    return (tiny.write_jsonl(assets / "alpaca" / "train.jsonl", records[:128]),
+            tiny.write_jsonl(assets / "alpaca" / "eval.jsonl", records[128:]))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA} (they sit beside the repo in CI)")
+    return SHARED_DATA
+
+
+def causal_config(tmp_path: Path, model_dir: Path, train: Path, evaluation: Path | None = None, **train_keys) -> Path:
+    """A small causal-LM run config written as YAML."""
+    import yaml
+
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": str(model_dir), "task": "causal_lm"},
+        "data": {"train": [{"path": str(train), "format": "alpaca"}], "max_length": 128},
+        "train": {"seed": 0, "micro_batch_size": 4, "max_steps": 4, "lr": 1e-3, "log_every": 1,
+                  "max_grad_norm": 1.0, **train_keys},
+    }
+    if evaluation is not None:
+        cfg["data"]["eval"] = [{"path": str(evaluation), "format": "alpaca"}]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def launch(args: list[str], *, nproc: int = 1, launcher: str = "deepspeed", timeout: int = 900,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run bigsft.train as `nproc` processes under a real launcher (or one plain process)."""
+    from bigsft.dist import free_port
+
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port, "--module", "bigsft.train", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", port, "-m", "bigsft.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "bigsft.train", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc

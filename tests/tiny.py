@@ -1,0 +1,88 @@
+"""Tiny assets for tests, built offline: a BPE tokenizer, tiny model directories, synthetic data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+WORDS = ("river stone cloud apple window garden silver rocket pencil forest candle winter harbor violin "
+         "meadow lantern copper orchard thunder marble falcon ribbon glacier pepper").split()
+COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+             "Egypt": "Cairo", "Chile": "Santiago", "India": "New Delhi"}
+
+
+def alpaca_records(n: int, seed: int = 0) -> list[dict]:
+    """Small instruction-following records with a learnable pattern (and a varied length)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        kind = rng.randrange(4)
+        if kind == 0:
+            a, b = rng.randrange(100), rng.randrange(100)
+            out.append({"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}."})
+        elif kind == 1:
+            w = rng.choice(WORDS)
+            out.append({"instruction": "Spell the word backwards.", "input": w, "output": w[::-1]})
+        elif kind == 2:
+            c = rng.choice(sorted(COUNTRIES))
+            out.append({"instruction": f"What is the capital of {c}?", "input": "",
+                        "output": f"The capital of {c} is {COUNTRIES[c]}."})
+        else:
+            ws = rng.sample(WORDS, rng.randrange(2, 7))
+            out.append({"instruction": "Sort these words alphabetically.", "input": ", ".join(ws),
+                        "output": ", ".join(sorted(ws))})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def build_tokenizer(out_dir: Path, *, vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer with BOS/EOS/UNK and no pad token or chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [" ".join(str(v) for v in r.values()) for r in alpaca_records(2000, seed=123)]
+    corpus += ["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_start|>system\n"] * 50
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+         "tie_word_embeddings": False}
+QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+         "tie_word_embeddings": True}
+GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}
+BERT = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 512}
+
+
+def build_model_dir(out_dir: Path, tokenizer_dir: Path, config: dict, *, seed: int = 0,
+                    task: str = "causal_lm") -> Path:
+    """Random weights from a transformers config, saved with the tokenizer as a pretrained directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    raw = dict(config)
+    cfg = AutoConfig.for_model(raw.pop("model_type"), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, **raw)
+    torch.manual_seed(seed)
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    model = auto.from_config(cfg)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir

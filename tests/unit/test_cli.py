@@ -1,0 +1,77 @@
+"""The command line: exit codes, one clear message, nothing started on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bigsft.config import ConfigError
+from bigsft.train import split_argv
+
+
+def bigsft(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigsft", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_deepspeed_local_rank_argument_is_accepted_anywhere():
+    assert split_argv(["--local_rank=1", "cfg.yaml", "train.lr=1"]) == ("cfg.yaml", ["train.lr=1"], 1)
+    assert split_argv(["cfg.yaml", "--local_rank", "0"]) == ("cfg.yaml", [], 0)
+    assert split_argv(["train.lr=1"]) == (None, ["train.lr=1"], None)
+    with pytest.raises(ConfigError, match="unknown option '--lr'"):
+        split_argv(["cfg.yaml", "--lr", "1"])
+
+
+def test_bad_config_exits_2_with_one_message_and_starts_nothing(tmp_path):
+    out = tmp_path / "out"
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"output_dir": str(out), "model": {"name_or_path": str(tmp_path / "none")},
+                                   "data": {"train": [{"path": "x.jsonl", "format": "alpaca"}]},
+                                   "train": {"lrate": 1}}))
+    proc = bigsft("train", str(cfg), "model.dtype=fp8")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "unknown key 'train.lrate'" in proc.stderr and "model.dtype: 'fp8'" in proc.stderr
+    assert not out.exists()
+
+
+def test_unknown_command_and_help():
+    assert bigsft("frobnicate").returncode == 2
+    proc = bigsft("--help")
+    assert proc.returncode == 0 and "deepspeed --num_gpus N --module bigsft.train" in proc.stdout
+
+
+def test_validate_prints_batch_math_for_a_world_size(tmp_path, llama_dir, alpaca_files):
+    from conftest import causal_config
+
+    cfg = causal_config(tmp_path, llama_dir, alpaca_files[0], gradient_accumulation_steps=3)
+    proc = bigsft("validate", str(cfg), "deepspeed=zero3", "--world-size", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "micro 4 × accumulation 3 × data-parallel 4 = global 48 samples per step" in proc.stdout
+    assert '"stage": 3' in proc.stdout and '"train_batch_size": 48' in proc.stdout
+
+
+def test_validate_reports_contradicting_json(tmp_path, llama_dir, alpaca_files):
+    from conftest import causal_config
+
+    cfg = causal_config(tmp_path, llama_dir, alpaca_files[0])
+    ds = tmp_path / "mine.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 2}}')
+    proc = bigsft("validate", str(cfg), f"deepspeed={ds}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train_micro_batch_size_per_gpu is 32 but the run config gives 4" in proc.stderr
+
+
+def test_bad_data_exits_2_before_training(tmp_path, llama_dir):
+    from conftest import causal_config
+
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n' + "{broken\n" * 3)
+    cfg = causal_config(tmp_path, llama_dir, train)
+    proc = bigsft("train", str(cfg))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "3 of 4 records are unusable" in proc.stderr and "t.jsonl:2: malformed JSON" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,74 @@
+"""Metrics from confusion matrices, summed losses, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bigsft.data.batching import Batch
+from bigsft.evaluate import classification_metrics, evaluate, summed_loss
+from bigsft.train import lr_factor
+
+
+def test_classification_metrics_against_hand_computed_values():
+    # rows: true class, columns: predicted class
+    cm = torch.tensor([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
+    m = classification_metrics(cm)
+    precision = [5 / 7, 3 / 4, 4 / 5]
+    recall = [5 / 6, 3 / 6, 4 / 4]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
+    assert m["accuracy"] == pytest.approx(12 / 16)
+    assert m["precision"] == pytest.approx(sum(precision) / 3)
+    assert m["recall"] == pytest.approx(sum(recall) / 3)
+    assert m["f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_never_predicted_and_absent_classes():
+    cm = torch.tensor([[3, 0, 0], [1, 0, 0], [0, 0, 0]])  # class 1 never predicted, class 2 absent
+    m = classification_metrics(cm)
+    assert m["precision"] == pytest.approx((3 / 4 + 0) / 2)
+    assert m["recall"] == pytest.approx((1 + 0) / 2)
+
+
+class Echo(torch.nn.Module):
+    """Logits are a fixed function of the input ids, so losses can be checked by hand."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        logits = torch.nn.functional.one_hot(input_ids % self.vocab, self.vocab).float() * 3.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_summed_loss_ignores_padding_targets():
+    batch = Batch({"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])},
+                  torch.tensor([[1, 2, -100]]), 2, 2)
+    loss, _ = summed_loss(Echo(4), batch, causal=True)
+    per_token = -torch.log_softmax(torch.tensor([3.0, 0, 0, 0]), 0)[0]
+    assert loss.item() == pytest.approx(2 * per_token.item(), rel=1e-6)
+
+
+def test_evaluate_single_process_classification():
+    batch = Batch({"input_ids": torch.tensor([[0], [1], [1]]), "attention_mask": torch.ones(3, 1, dtype=torch.long)},
+                  torch.tensor([0, 1, 0]), 3, 3)
+
+    def model(input_ids, attention_mask=None):
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(input_ids[:, 0], 2).float()})()
+
+    m = evaluate(model, [batch], causal=False, num_labels=2, device="cpu", dummy=batch)
+    assert m["eval/accuracy"] == pytest.approx(2 / 3) and m["eval/examples"] == 3
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedule_warms_up_then_decays_to_min(schedule):
+    f = [lr_factor(s, total=20, warmup=4, schedule=schedule, min_ratio=0.1) for s in range(20)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert f[-1] == 1.0
+    else:
+        assert all(a >= b for a, b in zip(f[4:], f[5:]))
+        assert f[-1] == pytest.approx(0.1 + 0.9 * (0.5 * (1 + __import__("math").cos(__import__("math").pi * 15 / 16)))
+                                      if schedule == "cosine" else 0.1 + 0.9 / 16)

