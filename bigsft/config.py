@@ -150,6 +150,10 @@ class TrainConfig:
     save_every: int = 0
     """Save a resumable checkpoint every this many optimizer steps; 0: none during training."""
 
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of `total_steps` optimizer steps."""
+        return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_ratio * total_steps)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
@@ -534,6 +538,9 @@ def validate(cfg: RunConfig) -> list[str]:
                 )
             if src.weight <= 0:
                 errors.append(f"data.{split}[{i}].weight: {src.weight}; must be > 0")
+            elif src.weight != 1.0:
+                errors.append(f"data.{split}[{i}].weight: mixing sources by weight is not available yet; "
+                              "remove the weight (sources are concatenated)")
     if d.max_length < 8:
         errors.append(f"data.max_length: {d.max_length}; must be at least 8")
     if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 1:

@@ -61,9 +61,7 @@ def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int) -> tup
 
 def run_values(cfg: RunConfig, batch: BatchMath, *, hidden_size: int | None, total_steps: int | None) -> RunValues:
     t = cfg.train
-    warmup = None
-    if total_steps is not None:
-        warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
+    warmup = t.warmup_for(total_steps) if total_steps is not None else None
     return RunValues(
         micro_batch_size=batch.micro_batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
         data_parallel_size=batch.data_parallel_size, lr=t.lr, adam_betas=t.adam_betas, adam_eps=t.adam_eps,

@@ -39,7 +39,8 @@ class Tracker:
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self._file = open(Path(output_dir) / "metrics.jsonl", "w", buffering=1)
+        # Open for the whole run, line-buffered: a killed run keeps every line logged so far.
+        self._file = open(Path(output_dir) / "metrics.jsonl", "w", buffering=1)  # noqa: SIM115
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 

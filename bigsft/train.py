@@ -208,7 +208,7 @@ def train(pre: Preflight, tokenizer, data: PreparedData) -> dict[str, float]:
     if "optimizer" not in ds:
         optimizer = build_optimizer(groups, cfg, offload=pre.offload_optimizer != "none")
     if "scheduler" not in ds:
-        warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total_steps))
+        warmup = t.warmup_for(total_steps)
 
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(

@@ -6,8 +6,7 @@ import json
 import random
 from pathlib import Path
 
-WORDS = ("river stone cloud apple window garden silver rocket pencil forest candle winter harbor violin "
-         "meadow lantern copper orchard thunder marble falcon ribbon glacier pepper").split()
+WORDS = ["river", "stone", "cloud", "apple", "window", "garden", "silver", "rocket", "pencil", "forest", "candle", "winter", "harbor", "violin", "meadow", "lantern", "copper", "orchard", "thunder", "marble", "falcon", "ribbon", "glacier", "pepper"]
 COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
              "Egypt": "Cairo", "Chile": "Santiago", "India": "New Delhi"}
 
@@ -74,7 +73,12 @@ def build_model_dir(out_dir: Path, tokenizer_dir: Path, config: dict, *, seed: i
                     task: str = "causal_lm") -> Path:
     """Random weights from a transformers config, saved with the tokenizer as a pretrained directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw = dict(config)

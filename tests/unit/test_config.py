@@ -54,13 +54,13 @@ def test_valid_config_builds_frozen_tree():
 
 def test_overrides_parse_types_and_nested_paths():
     raw = with_override("train.lr=3e-4", "train.max_steps=7", "model.dtype=bf16", "data.packing=false",
-                        "deepspeed=ds_configs/zero3.json", "train.adam_betas=[0.9, 0.95]", "data.train.0.weight=2")
+                        "deepspeed=ds_configs/zero3.json", "train.adam_betas=[0.9, 0.95]", "data.train.0.columns={prompt: q}")
     cfg = config_from_dict(raw)
     assert cfg.train.lr == pytest.approx(3e-4)  # YAML reads 3e-4 as a string: converted
     assert cfg.train.max_steps == 7 and cfg.model.dtype == "bf16" and cfg.data.packing is False
     assert cfg.deepspeed == "ds_configs/zero3.json"
     assert cfg.train.adam_betas == (0.9, 0.95)
-    assert cfg.data.train[0].weight == 2.0
+    assert cfg.data.train[0].columns == {"prompt": "q"}
 
 
 def test_override_without_equals_is_a_usage_error():

@@ -11,7 +11,14 @@ from transformers import AutoTokenizer
 from bigsft.config import ConfigError, DataSource
 from bigsft.data.batching import collate
 from bigsft.data.formats import PARSERS, BadRecordError, Completion, Conversation, Labeled
-from bigsft.data.loader import SplitStats, TrainBatches, build_samples, check_bad_fraction, eval_shard, read_examples
+from bigsft.data.loader import (
+    SplitStats,
+    TrainBatches,
+    build_samples,
+    check_bad_fraction,
+    eval_shard,
+    read_examples,
+)
 from bigsft.data.sources import BadRecord, Record, list_files, read_source
 from bigsft.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE, Sample, SampleBuilder
 

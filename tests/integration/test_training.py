@@ -1,0 +1,230 @@
+"""Real multi-process DeepSpeed training on CPU (gloo): ZeRO parity, launchers, export, precision."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+import yaml
+from conftest import REPO, causal_config, check, launch, read_metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def parity_config(tmp_path_factory, llama_dir) -> Path:
+    """128 train records; 31 eval records (divides by neither 2 ranks nor the eval micro-batch)."""
+    d = tmp_path_factory.mktemp("parity")
+    records = tiny.alpaca_records(159, seed=1)
+    train = tiny.write_jsonl(d / "train.jsonl", records[:128])
+    evaluation = tiny.write_jsonl(d / "eval.jsonl", records[128:])
+    return causal_config(d, llama_dir, train, evaluation, gradient_accumulation_steps=2, max_steps=STEPS,
+                         eval_every=3, eval_micro_batch_size=4, warmup_steps=2)
+
+
+def run_2ranks(cfg: Path, out: Path, ds: str, *extra: str, launcher: str = "deepspeed") -> Path:
+    check(launch([str(cfg), f"deepspeed={ds}", f"output_dir={out}", *extra], nproc=2, launcher=launcher))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero0_run(parity_config, tmp_path_factory) -> Path:
+    return run_2ranks(parity_config, tmp_path_factory.mktemp("zero0") / "run", "zero0")
+
+
+def eval_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "eval/loss" in r]
+
+
+def reload_eval_loss(config: Path, final: Path) -> float:
+    """Eval loss of the exported model, in this process, without DeepSpeed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bigsft.config import load_config
+    from bigsft.data.loader import eval_shard
+    from bigsft.evaluate import evaluate
+    from bigsft.train import prepare_data
+
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    data = prepare_data(load_config(str(config)), tok)
+    batches = eval_shard(data.eval, micro_batch_size=5, rank=0, world_size=1, pad_id=tok.pad_token_id)
+    return evaluate(model, batches, causal=True, num_labels=None, device="cpu", dummy=batches[0])["eval/loss"]
+
+
+def test_run_directory_contract(zero0_run, parity_config):
+    metrics = read_metrics(zero0_run)
+    steps = [r for r in metrics if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    for r in steps:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+    tokens = [r["tokens"] for r in steps]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    assert steps[0]["lr"] == pytest.approx(1e-3 / 2)  # warmup step 1 of 2
+    assert [r["step"] for r in eval_records(zero0_run)] == [3, 6]
+    cfg = yaml.safe_load((zero0_run / "config.yaml").read_text())
+    assert cfg["deepspeed"] == "zero0" and cfg["train"]["max_steps"] == STEPS
+    final = zero0_run / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (final / name).is_file(), name
+    assert losses_decrease(train_losses(zero0_run))
+
+
+def losses_decrease(losses: list[float]) -> bool:
+    return losses[-1] < losses[0]
+
+
+def test_eval_counts_every_token_once_and_export_reproduces_it(zero0_run, parity_config):
+    last = eval_records(zero0_run)[-1]
+    assert reload_eval_loss(parity_config, zero0_run / "final") == pytest.approx(last["eval/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("ds", ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])
+def test_zero_stage_matches_zero0(ds, zero0_run, parity_config, tmp_path):
+    run = run_2ranks(parity_config, tmp_path / "run", ds)
+    reference, losses = train_losses(zero0_run), train_losses(run)
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(reference, abs=1e-5)
+    ref_eval, got_eval = eval_records(zero0_run), eval_records(run)
+    assert [r["eval/tokens"] for r in got_eval] == [r["eval/tokens"] for r in ref_eval]
+    assert [r["eval/loss"] for r in got_eval] == pytest.approx([r["eval/loss"] for r in ref_eval], abs=1e-5)
+    assert reload_eval_loss(parity_config, run / "final") == pytest.approx(got_eval[-1]["eval/loss"], abs=1e-5)
+
+
+def srun_like(cfg: Path, out: Path, nproc: int = 2) -> None:
+    """Start the ranks the way plain `srun` does: one process per task with SLURM_* variables only."""
+    from bigsft.dist import free_port
+
+    env_base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = {**env_base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+               "SLURM_STEP_NUM_TASKS": str(nproc), "SLURM_STEP_TASKS_PER_NODE": str(nproc),
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "77", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "bigsft.train", str(cfg), f"output_dir={out}"],
+                                      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-5000:]
+
+
+@pytest.mark.parametrize("how", ["torchrun", "srun", "single"])
+def test_launchers_reproduce_the_deepspeed_launcher(how, zero0_run, parity_config, tmp_path):
+    out = tmp_path / "run"
+    if how == "torchrun":
+        run_2ranks(parity_config, out, "zero0", launcher="torchrun")
+    elif how == "srun":
+        srun_like(parity_config, out)
+    else:  # one process, twice the accumulation: the same global batch of samples per step
+        check(launch([str(parity_config), f"output_dir={out}", "train.gradient_accumulation_steps=4"],
+                     launcher="plain"))
+    assert train_losses(out) == pytest.approx(train_losses(zero0_run), abs=1e-5)
+    assert eval_records(out)[-1]["eval/loss"] == pytest.approx(eval_records(zero0_run)[-1]["eval/loss"], abs=1e-5)
+
+
+def test_zero3_builds_the_model_already_partitioned(llama_dir):
+    script = Path(__file__).with_name("zero3_partition_check.py")
+    from bigsft.dist import free_port
+
+    proc = check(subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(llama_dir)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}))
+    reports = [json.loads(line.split("] ", 1)[-1]) for line in proc.stdout.splitlines() if '"shard_elements"' in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        assert r["all_partitioned"] and r["local_elements"] == 0
+        assert r["shard_elements"] <= r["full_elements"] // 2 + 64  # each rank holds about half
+
+
+def test_gradient_checkpointing_gives_the_same_losses(parity_config, tmp_path):
+    base = ["train.max_steps=3", "data.eval=[]"]
+    check(launch([str(parity_config), f"output_dir={tmp_path / 'a'}", *base], launcher="plain"))
+    check(launch([str(parity_config), f"output_dir={tmp_path / 'b'}", *base, "model.gradient_checkpointing=true"],
+                 launcher="plain"))
+    assert train_losses(tmp_path / "b") == pytest.approx(train_losses(tmp_path / "a"), abs=1e-6)
+
+
+def test_bf16_trains_on_cpu(parity_config, tmp_path):
+    out = tmp_path / "run"
+    check(launch([str(parity_config), f"output_dir={out}", "model.dtype=bf16", "deepspeed=zero2"], nproc=2))
+    losses = train_losses(out)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    from safetensors import safe_open
+
+    with safe_open(out / "final" / "model.safetensors", "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype.is_floating_point
+
+
+def test_random_init_from_model_config_and_tokenizer(tmp_path, tokenizer_dir, alpaca_files):
+    cfg = causal_config(tmp_path, tokenizer_dir, alpaca_files[0], max_steps=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = {"config": {**tiny.QWEN2, "vocab_size": 400}, "tokenizer": str(tokenizer_dir), "task": "causal_lm"}
+    cfg.write_text(yaml.safe_dump(raw))
+    check(launch([str(cfg)], launcher="plain"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.model_type == "qwen2" and model.config.use_cache is True
+
+
+def test_deepspeed_docs_style_json_trains(parity_config, tmp_path):
+    # As the DeepSpeed docs write it: explicit batch, optimizer and scheduler (values that agree with the
+    # run config), and the legacy boolean zero_optimization.
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "train_batch_size": 16, "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.001, "betas": [0.8, 0.999], "eps": 1e-8}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 0.001,
+                                                     "warmup_num_steps": 2}},
+        "zero_optimization": True}))
+    out = tmp_path / "run"
+    check(launch([str(parity_config), f"deepspeed={ds}", f"output_dir={out}", "train.adam_betas=[0.8,0.999]",
+                  "data.eval=[]"], nproc=2))
+    losses = train_losses(out)
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+    assert lrs[-1] == pytest.approx(0.001)  # DeepSpeed's WarmupLR from the JSON, not bigsft's cosine
+
+
+def test_wandb_offline_run_and_no_secret_anywhere(parity_config, tmp_path):
+    out = tmp_path / "run"
+    secret = "wandb-secret-0123456789abcdef0123456789abcdef"
+    check(launch([str(parity_config), f"output_dir={out}", "wandb.mode=offline", "train.max_steps=2",
+                  "train.gradient_accumulation_steps=4"], launcher="plain",
+                 env={"WANDB_API_KEY": secret, "HF_TOKEN": "hf_supersecret"}))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert secret.encode() not in data and b"hf_supersecret" not in data, path
+
+
+def test_demo_recipe_improves_real_minilm(tmp_path):
+    out = tmp_path / "demo"
+    proc = check(launch(["demo", f"output_dir={out}", "train.epochs=2"], launcher="plain"))
+    evals = eval_records(out)
+    before, after = evals[0], evals[-1]
+    assert before["step"] == 0 and after["step"] > 0
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.3
+    assert after["eval/f1"] > before["eval/f1"] + 0.3
+    assert after["eval/loss"] < before["eval/loss"]
+    assert "before training" in proc.stdout and "after training" in proc.stdout
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.id2label == {0: "world", 1: "sports", 2: "business", 3: "science"}
