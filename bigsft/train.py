@@ -31,6 +31,11 @@ from bigsft.data.tokenize import Sample, SampleBuilder
 from bigsft.preflight import Preflight, preflight
 
 EXIT_OK, EXIT_CONFIG = 0, 2
+USAGE = "usage: bigsft train [CONFIG_OR_RECIPE] [key.path=value ...]   (no config: the built-in demo)"
+
+
+class UsageRequested(Exception):
+    """--help was given."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,9 +51,9 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
             value = arg.split("=", 1)[1] if "=" in arg else next(it, "0")
             local_rank = int(value)
         elif arg in ("-h", "--help"):
-            raise ConfigError("usage: bigsft train [CONFIG_OR_RECIPE] [key.path=value ...]")
+            raise UsageRequested
         elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg!r}; usage: bigsft train [CONFIG_OR_RECIPE] [key.path=value ...]")
+            raise ConfigError(f"unknown option {arg!r}; {USAGE}")
         elif "=" in arg or config is not None:
             overrides.append(arg)
         else:
@@ -327,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides, local_rank = split_argv(sys.argv[1:] if argv is None else argv)
         run(config, overrides, local_rank)
+    except UsageRequested:
+        print(USAGE)
     except ConfigError as e:
         print(f"bigsft: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -21,13 +21,14 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def parity_config(tmp_path_factory, llama_dir) -> Path:
-    """128 train records; 31 eval records (divides by neither 2 ranks nor the eval micro-batch)."""
+    """128 train records; 31 eval records: rank 0 gets 16 (4 eval batches of up to 5), rank 1 gets 15 (3),
+    so rank 1 runs a dummy forward under ZeRO-3 to keep the collectives in step."""
     d = tmp_path_factory.mktemp("parity")
     records = tiny.alpaca_records(159, seed=1)
     train = tiny.write_jsonl(d / "train.jsonl", records[:128])
     evaluation = tiny.write_jsonl(d / "eval.jsonl", records[128:])
     return causal_config(d, llama_dir, train, evaluation, gradient_accumulation_steps=2, max_steps=STEPS,
-                         eval_every=3, eval_micro_batch_size=4, warmup_steps=2)
+                         eval_every=3, eval_micro_batch_size=5, warmup_steps=2)
 
 
 def run_2ranks(cfg: Path, out: Path, ds: str, *extra: str, launcher: str = "deepspeed") -> Path:
@@ -179,6 +180,27 @@ def test_random_init_from_model_config_and_tokenizer(tmp_path, tokenizer_dir, al
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert model.config.model_type == "qwen2" and model.config.use_cache is True
+
+
+def test_decoder_sequence_classifier_from_config(tmp_path, tokenizer_dir):
+    # A Llama with a classification head, random init; its tokenizer has no pad token (EOS stands in).
+    repo_data = REPO / "bigsft" / "recipes" / "data"
+    cfg = tmp_path / "cls.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"config": {**tiny.LLAMA, "vocab_size": 400}, "tokenizer": str(tokenizer_dir),
+                  "task": "sequence_classification", "num_labels": 4},
+        "data": {"train": [{"path": str(repo_data / "topics_train.jsonl"), "format": "classification"}],
+                 "eval": [{"path": str(repo_data / "topics_eval.jsonl"), "format": "classification"}],
+                 "max_length": 64},
+        "train": {"micro_batch_size": 8, "max_steps": 3, "lr": 1e-3, "log_every": 1}}))
+    check(launch([str(cfg)], launcher="plain"))
+    evals = eval_records(tmp_path / "run")
+    assert evals[-1]["eval/examples"] == 80 and 0 <= evals[-1]["eval/f1"] <= 1
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.id2label[0] == "business" and model.config.pad_token_id == model.config.eos_token_id
 
 
 def test_deepspeed_docs_style_json_trains(parity_config, tmp_path):
