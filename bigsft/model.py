@@ -62,17 +62,15 @@ def task_problems(hf_config, task: str, trust_remote_code: bool) -> list[str]:
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
-    mapping = {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-               "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}[task]
+    supported = {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                 "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
     auto_name = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in mapping:
+    if model_type in supported[task]:
         return []
     if trust_remote_code and auto_name[task] in (getattr(hf_config, "auto_map", None) or {}):
         return []
-    other = [t for t in TASKS if t != task and model_type in
-             {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-              "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}[t]]
+    other = [t for t in TASKS if t != task and model_type in supported[t]]
     hint = f"; it supports model.task: {other[0]}" if other else ""
     return [f"model.task: transformers has no {task} model for architecture {model_type!r}{hint}"]
 
