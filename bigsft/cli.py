@@ -1,4 +1,4 @@
-"""`bigsft` command line: train, validate."""
+"""`bigsft` command line: train, validate, data inspect."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ commands:
   train [CONFIG_OR_RECIPE] [key.path=value ...]   train (no argument: the built-in demo)
   validate CONFIG [key.path=value ...] [--world-size N]
                                                   check a config and its DeepSpeed JSON, print the batch math
+  data inspect CONFIG [-n N] [--limit RECORDS] [key.path=value ...]
+                                                  show processed samples (trained tokens highlighted) and
+                                                  corpus statistics
 
 Multi-process launches use the same entry point:
   deepspeed --num_gpus N --module bigsft.train CONFIG [key.path=value ...]
@@ -26,19 +29,10 @@ def validate_command(argv: list[str]) -> int:
     from bigsft.dist import read_launch_env
     from bigsft.preflight import preflight
 
-    world_size = None
-    args = []
-    it = iter(argv)
-    for arg in it:
-        if arg.startswith("--world-size"):
-            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--world-size: expected a positive integer, got {value!r}")
-            world_size = int(value)
-        elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg!r}\n{USAGE}")
-        else:
-            args.append(arg)
+    args, opts = _options(argv, {"--world-size": None})
+    world_size = opts["--world-size"]
+    if world_size == 0:
+        raise ConfigError("--world-size: must be at least 1")
     if not args:
         raise ConfigError(f"validate needs a config\n{USAGE}")
     cfg = load_config(args[0], args[1:])
@@ -47,9 +41,45 @@ def validate_command(argv: list[str]) -> int:
         env = {"RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"}
     pre = preflight(cfg, read_launch_env(env))
     print(f"config ok: {args[0]}")
-    print(f"batch: {pre.batch.describe()}")
+    print(f"batch: {pre.batch.describe(f'rows of {cfg.data.max_length}' if cfg.data.packing else 'samples')}")
     print(f"deepspeed: {pre.ds_label} (ZeRO-{pre.zero_stage}, optimizer offload {pre.offload_optimizer})")
     print(json.dumps(pre.ds, indent=2))
+    return 0
+
+
+def _options(argv: list[str], names: dict[str, int | None]) -> tuple[list[str], dict[str, int | None]]:
+    """Split `--name N` / `--name=N` integer options from positional arguments."""
+    values = dict(names)
+    args = []
+    it = iter(argv)
+    for arg in it:
+        key = arg.split("=", 1)[0]
+        if key in values:
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not value.isdigit():
+                raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+            values[key] = int(value)
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}\n{USAGE}")
+        else:
+            args.append(arg)
+    return args, values
+
+
+def data_command(argv: list[str]) -> int:
+    from bigsft.config import load_config
+    from bigsft.data.inspect import inspect
+    from bigsft.data.pipeline import plan_data
+    from bigsft.model import build_tokenizer
+
+    if not argv or argv[0] != "inspect":
+        raise ConfigError(f"usage: bigsft data inspect CONFIG [-n N] [--limit RECORDS]\n{USAGE}")
+    args, opts = _options(argv[1:], {"-n": 3, "--limit": None})
+    if not args:
+        raise ConfigError("data inspect needs a config")
+    cfg = load_config(args[0], args[1:])
+    tokenizer = build_tokenizer(cfg.model)
+    inspect(cfg, plan_data(cfg.data, cfg.model, tokenizer), tokenizer, show=opts["-n"], limit=opts["--limit"])
     return 0
 
 
@@ -66,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return train_main(rest)
         if command == "validate":
             return validate_command(rest)
+        if command == "data":
+            return data_command(rest)
         raise ConfigError(f"unknown command {command!r}\n{USAGE}")
     except ConfigError as e:
         print(f"bigsft: error: {e}", file=sys.stderr)

@@ -53,10 +53,15 @@ class DataSource:
     directory first, then the config file's directory."""
     format: DataFormat
     """How a record turns into text and labels."""
-    weight: float = 1.0
-    """Sampling weight when several sources are mixed."""
+    weight: float | None = None
+    """Sampling weight when several sources are mixed (normalized to probabilities). Unset on every
+    source: each is drawn in proportion to its number of records."""
     columns: dict[str, str] = field(default_factory=dict)
     """Field remapping, e.g. {instruction: question, output: answer}: canonical name -> record key."""
+    split: str | None = None
+    """Split of a hub dataset (`path: org/name`); `train` when unset."""
+    name: str | None = None
+    """Name in logs (the realized mixture); defaults to the file name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +101,8 @@ class DataConfig:
     max_length: int = 1024
     """Longest sample in tokens; longer samples are truncated (prompt kept, response cut)."""
     packing: bool = False
-    """Pack several samples per row (data issue); off: pad each micro-batch to its longest."""
+    """Pack samples into rows of max_length tokens (position ids restart per sample, no attention across
+    samples); micro_batch_size then counts rows. Off: pad each micro-batch to its own longest sample."""
     pad_to_multiple_of: int | None = None
     """Round each padded batch's length up to a multiple of this (tensor-core friendly shapes)."""
     system_prompt: str | None = None
@@ -104,7 +110,14 @@ class DataConfig:
     chat_template: str | None = None
     """Jinja chat template used instead of the tokenizer's own (and of the built-in ChatML default)."""
     max_bad_fraction: float = 0.05
-    """Abort before training when more than this fraction of a split's records is unusable."""
+    """Abort when more than this fraction of a split's records is unusable (checked before launch on
+    the first records of each source, then as training streams)."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens of a conversation carry the loss: every assistant turn, the last one only, or all."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Samples longer than max_length: cut the response side, or skip the sample (counted either way)."""
+    shuffle_buffer: int = 1000
+    """Samples held per source for shuffling (bounded memory); file order is reshuffled every epoch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -536,19 +549,21 @@ def validate(cfg: RunConfig) -> list[str]:
                 errors.append(
                     f"data.{split}[{i}].format: 'classification' needs model.task: sequence_classification"
                 )
-            if src.weight <= 0:
+            if src.weight is not None and src.weight <= 0:
                 errors.append(f"data.{split}[{i}].weight: {src.weight}; must be > 0")
-            elif src.weight != 1.0:
-                errors.append(f"data.{split}[{i}].weight: mixing sources by weight is not available yet; "
-                              "remove the weight (sources are concatenated)")
     if d.max_length < 8:
         errors.append(f"data.max_length: {d.max_length}; must be at least 8")
     if d.pad_to_multiple_of is not None and d.pad_to_multiple_of < 1:
         errors.append(f"data.pad_to_multiple_of: {d.pad_to_multiple_of}; must be >= 1")
     if not 0 <= d.max_bad_fraction <= 1:
         errors.append(f"data.max_bad_fraction: {d.max_bad_fraction}; must be in [0, 1]")
-    if d.packing:
-        errors.append("data.packing: true is not available yet; set data.packing=false (padding per batch)")
+    weighted = [src.weight is not None for src in d.train if src is not None]
+    if any(weighted) and not all(weighted):
+        errors.append("data.train: give every source a weight, or none (then sources mix by their sizes)")
+    if d.packing and m.task != "causal_lm":
+        errors.append("data.packing: packing applies to causal_lm; set data.packing=false for classification")
+    if d.shuffle_buffer < 1:
+        errors.append(f"data.shuffle_buffer: {d.shuffle_buffer}; must be >= 1 (1 keeps the file order)")
 
     for name in ("micro_batch_size", "log_every"):
         if getattr(t, name) < 1:

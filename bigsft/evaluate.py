@@ -8,7 +8,7 @@ on how samples fell into micro-batches or ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -55,18 +55,21 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: Callable, batches: Sequence[Batch], *, causal: bool, num_labels: int | None,
+def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
              device: torch.device | str, dummy: Batch) -> dict[str, float]:
     """Metrics over all ranks' batches. Ranks run the same number of forward passes (ZeRO-3 gathers
-    parameters collectively), padding with `dummy` batches that count for nothing."""
-    steps = dist.all_reduce_max(len(batches))
+    parameters collectively): a rank out of batches runs `dummy`, which counts for nothing, until
+    every rank is done."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     count = 0
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None
-    for i in range(steps):
-        real = i < len(batches)
-        batch = (batches[i] if real else dummy).to(device)
-        loss, logits = summed_loss(model, batch, causal=causal)
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if dist.all_reduce_max(int(batch is not None)) == 0:
+            break
+        real = batch is not None
+        loss, logits = summed_loss(model, (batch if real else dummy).to(device), causal=causal)
         if not real:
             continue
         loss_sum += loss.double().cpu()

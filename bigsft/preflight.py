@@ -28,9 +28,9 @@ class BatchMath:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
 
-    def describe(self) -> str:
+    def describe(self, unit: str = "samples") -> str:
         return (f"micro {self.micro_batch_size} × accumulation {self.gradient_accumulation_steps} × "
-                f"data-parallel {self.data_parallel_size} = global {self.global_batch_size} samples per step"
+                f"data-parallel {self.data_parallel_size} = global {self.global_batch_size} {unit} per step"
                 + (f" (world {self.world_size} = {self.pipeline_stages} pipeline stages × "
                    f"{self.data_parallel_size} data-parallel)" if self.pipeline_stages > 1 else ""))
 

@@ -7,27 +7,20 @@ be wrong with the config or the data is found before the process group starts (e
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from bigsft import dist, tracking
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
-from bigsft.data.batching import Batch, collate
-from bigsft.data.formats import Labeled
-from bigsft.data.loader import (
-    SplitStats,
-    TrainBatches,
-    build_samples,
-    check_bad_fraction,
-    eval_shard,
-    label_names,
-    read_examples,
-)
-from bigsft.data.tokenize import Sample, SampleBuilder
+from bigsft.data.batching import Batch
+from bigsft.data.loader import SplitStats, too_many_bad
+from bigsft.data.pipeline import DataPlan, eval_batches, plan_data, train_stream, windows_in_first_epoch
+from bigsft.data.sources import DataError
+from bigsft.data.stream import dummy_batch, source_names
 from bigsft.preflight import Preflight, preflight
 
 EXIT_OK, EXIT_CONFIG = 0, 2
@@ -59,52 +52,6 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
         else:
             config = arg
     return config, overrides, local_rank
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: read, parse, tokenize, check; before any process group exists.
-
-
-@dataclass
-class PreparedData:
-    train: list[Sample]
-    eval: list[Sample]
-    id2label: dict[int, str] | None
-    stats: dict[str, SplitStats]
-
-
-def prepare_data(cfg: RunConfig, tokenizer) -> PreparedData:
-    stats = {"train": SplitStats(), "eval": SplitStats()}
-    train_examples = read_examples(cfg.data.train, "train", stats["train"])
-    eval_examples = read_examples(cfg.data.eval, "eval", stats["eval"])
-
-    id2label = None
-    if cfg.model.task == "sequence_classification":
-        names = label_names(train_examples, cfg.model.labels)
-        n = cfg.model.num_labels or len(names or [])
-        if names is not None and len(names) != n:
-            raise ConfigError(
-                f"data.train: the labels are named {names} ({len(names)} classes) but model.num_labels is {n}; "
-                "list the names in id order in model.labels"
-            )
-        id2label = dict(enumerate(names)) if names else {i: f"LABEL_{i}" for i in range(n)}
-        if not names and any(isinstance(ex.label, str) for ex, _ in eval_examples if isinstance(ex, Labeled)):
-            raise ConfigError("data.eval: labels are names but data.train uses class ids; list model.labels")
-
-    build = SampleBuilder(
-        tokenizer, max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt,
-        chat_template=cfg.data.chat_template,
-        label2id={v: k for k, v in id2label.items()} if id2label else None,
-        num_labels=len(id2label) if id2label else None,
-    )
-    train = build_samples(train_examples, build, stats["train"])
-    evaluation = build_samples(eval_examples, build, stats["eval"])
-    check_bad_fraction(stats["train"], "train", cfg.data.max_bad_fraction)
-    if cfg.data.eval:
-        check_bad_fraction(stats["eval"], "eval", cfg.data.max_bad_fraction)
-        if not evaluation:
-            raise ConfigError("data.eval: no usable sample")
-    return PreparedData(train, evaluation, id2label, stats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +115,13 @@ def grad_norm_of(module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def train(pre: Preflight, tokenizer, data: PreparedData) -> dict[str, float]:
+def data_parallel_rank(rank: int, data_parallel_size: int) -> int:
+    """DeepSpeed's pipe x data grid puts data-parallel ranks innermost: rank = stage * dp + dp_rank, so
+    the pipeline stages of one replica share a dp_rank and see the same data."""
+    return rank % data_parallel_size
+
+
+def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
     """Run training; returns the final eval metrics (empty without eval data)."""
     import deepspeed
     import torch
@@ -180,32 +133,44 @@ def train(pre: Preflight, tokenizer, data: PreparedData) -> dict[str, float]:
     from bigsft.model import build_model, count_parameters
 
     cfg, launch, bm = pre.cfg, pre.launch, pre.batch
-    t = cfg.train
+    t, d = cfg.train, cfg.data
     causal = cfg.model.task == "causal_lm"
     is_main = launch.is_main
     out_dir = Path(cfg.output_dir)
-
-    batches = TrainBatches(
-        data.train, micro_batch_size=bm.micro_batch_size, gradient_accumulation_steps=bm.gradient_accumulation_steps,
-        dp_rank=launch.rank // bm.pipeline_stages, dp_size=bm.data_parallel_size, seed=t.seed,
-        pad_id=tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-    )
-    total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
-    ds = pre.resolved_ds(total_steps)
+    dp_rank = data_parallel_rank(launch.rank, bm.data_parallel_size)
 
     dist.init_process_group(launch)
     tracking.quiet_libraries(is_main)
     seed_everything(t.seed)
+
+    def new_stream(stats: SplitStats):
+        return train_stream(d, plan, stats, seed=t.seed, dp_rank=dp_rank, dp_size=bm.data_parallel_size,
+                            micro_batch_size=bm.micro_batch_size, accumulation=bm.gradient_accumulation_steps,
+                            pad_id=tokenizer.pad_token_id)
+
+    if t.max_steps:
+        total_steps = t.max_steps
+    else:
+        # Epochs need the epoch's length in optimizer steps: a sizing pass over the first epoch (the same
+        # on every rank), which also counts every unusable record before training starts.
+        sizing = SplitStats()
+        steps_per_epoch = windows_in_first_epoch(new_stream(sizing))
+        message = too_many_bad("train", sizing.records, sizing.bad, d.max_bad_fraction, sizing)
+        if message:
+            raise DataError(message)
+        if steps_per_epoch < 1:
+            raise DataError(f"data.train: an epoch holds less than one global batch ({bm.describe()}); "
+                            "add data or shrink the batch")
+        total_steps = t.epochs * steps_per_epoch
+    ds = pre.resolved_ds(total_steps)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-        import json
-
         (out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
     # Under ZeRO-3 transformers sees this object and builds the model already partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
-    model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=data.id2label)
+    model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label)
     total_params, trainable_params = count_parameters(model)
 
     groups = param_groups(model, t.weight_decay)
@@ -227,87 +192,104 @@ def train(pre: Preflight, tokenizer, data: PreparedData) -> dict[str, float]:
     tracker = tracking.Tracker(out_dir, enabled=is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg),
                                total_steps=total_steps)
     offload = pre.offload_optimizer
+    names = source_names(d.train)
+    mixture = ", ".join(f"{n} {w / sum(plan.weights):.0%}" for n, w in zip(names, plan.weights))
     tracking.info(
         f"[bold]bigsft[/] {cfg.model.name_or_path or cfg.model.config.get('model_type')} · {cfg.model.task} · "
         f"{total_params / 1e6:.1f}M params ({trainable_params / 1e6:.1f}M trainable) · {cfg.model.dtype} · "
         f"ZeRO-{pre.zero_stage}{' + optimizer offload (' + offload + ')' if offload != 'none' else ''} · "
         f"{launch.world_size} rank(s) · {pre.accelerator}\n"
-        f"data: {len(data.train):,} train / {len(data.eval):,} eval samples, "
-        f"{sum(data.stats['train'].skipped.values())} skipped · {bm.describe()} · {total_steps} steps",
+        f"data: {mixture} · {bm.describe(f'rows of {d.max_length}' if d.packing else 'samples')} · "
+        f"{total_steps} steps",
         enabled=is_main,
     )
-    for reason_line in data.stats["train"].first_bad + data.stats["eval"].first_bad:
-        tracking.info(f"[yellow]skipped[/] {reason_line}", enabled=is_main)
+    for line in plan.scanned["train"].first_bad:
+        tracking.info(f"[yellow]skipped[/] {line}", enabled=is_main)
 
-    eval_sets = eval_shard(data.eval, micro_batch_size=t.eval_micro_batch_size or t.micro_batch_size,
-                           rank=launch.rank // bm.pipeline_stages, world_size=bm.data_parallel_size,
-                           pad_id=tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
-    dummy = collate(data.eval[:1], pad_id=tokenizer.pad_token_id) if data.eval else None
-    num_labels = len(data.id2label) if data.id2label else None
+    eval_stats = SplitStats()
+    eval_micro = t.eval_micro_batch_size or t.micro_batch_size
+    dummy = dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id)
+    num_labels = len(plan.id2label) if plan.id2label else None
 
     def run_eval(step: int) -> dict[str, float]:
         engine.eval()
-        metrics = evaluate(engine, eval_sets, causal=causal, num_labels=num_labels, device=device, dummy=dummy)
+        batches = eval_batches(d, plan, eval_stats, dp_rank=dp_rank, dp_size=bm.data_parallel_size,
+                               micro_batch_size=eval_micro, pad_id=tokenizer.pad_token_id)
+        metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy)
         engine.train()
         tracker.log({"step": step, **metrics})
         return metrics
 
     results: dict[str, dict[str, float]] = {}
-    if data.eval and t.eval_at_start:
+    if d.eval and t.eval_at_start:
         results["before training"] = run_eval(0)
 
+    stats = SplitStats()
+    stream = new_stream(stats)
     engine.train()
     trained_tokens = 0
     pending_loss = torch.zeros((), dtype=torch.float64)
-    pending_targets = pending_tokens = 0
+    pending = {"targets": 0.0, "tokens": 0.0, "positions": 0.0}
     last_eval_step = -1
     grad_norm = None
     clock = time.perf_counter()
     for step in range(total_steps):
-        window: list[Batch] = batches.window(step)
-        local_targets = sum(b.num_targets for b in window)
-        local_tokens = sum(b.num_tokens for b in window) if not causal else local_targets
-        global_targets, global_tokens = dist.all_reduce_sum([local_targets, local_tokens])
+        window: list[Batch] = stream.next_window()
+        local = [sum(b.num_targets for b in window), sum(b.num_tokens for b in window),
+                 sum(b.num_positions for b in window)]
+        global_targets, global_tokens, global_positions = dist.all_reduce_sum(local)
         lr = engine.get_lr()[0]
-        # Each micro-batch contributes sum-of-losses / trained units of the whole global batch; DeepSpeed
-        # averages gradients over data-parallel ranks, hence the factor dp.
-        scale = bm.data_parallel_size / max(global_targets, 1.0)
-        for i, micro in enumerate(window):
-            loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal)
-            engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            pending_loss += loss_sum.detach().double().cpu()
-            if zero0_fp32 and i == len(window) - 1:
-                grad_norm = grad_norm_of(engine.module)
-            engine.step()
-        if not zero0_fp32:
-            norm = engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else None
-        pending_targets += global_targets
-        pending_tokens += global_tokens
-        trained_tokens += int(global_tokens)
+        if global_targets > 0:  # a window without one trained token (all masked) is skipped, never NaN
+            # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
+            # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
+            scale = bm.data_parallel_size / global_targets
+            for i, micro in enumerate(window):
+                loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal)
+                engine.backward(loss_sum * scale, scale_wrt_gas=False)
+                pending_loss += loss_sum.detach().double().cpu()
+                if zero0_fp32 and i == len(window) - 1:
+                    grad_norm = grad_norm_of(engine.module)
+                engine.step()
+            if not zero0_fp32:
+                norm = engine.get_global_grad_norm()
+                grad_norm = float(norm) if norm is not None else None
+        pending["targets"] += global_targets
+        pending["tokens"] += global_tokens
+        pending["positions"] += global_positions
+        trained_tokens += int(global_targets if causal else global_tokens)
         done = step + 1
 
         if done % t.log_every == 0 or done == total_steps:
+            # Data counters are the same on every rank (one global stream); only the loss is summed.
             (loss_total,) = dist.all_reduce_sum([float(pending_loss)])
+            message = too_many_bad("train", stats.records, stats.bad, d.max_bad_fraction, stats)
+            if message:
+                raise DataError(message)
+            drawn = stream.mixed.drawn
             now = time.perf_counter()
-            tracker.log({
-                "step": done, "loss": loss_total / max(pending_targets, 1.0), "lr": lr, "grad_norm": grad_norm,
-                "tokens": trained_tokens, "tokens_per_s": pending_tokens / max(now - clock, 1e-9),
-                "epoch": step // batches.steps_per_epoch,
-            })
+            record = {
+                "step": done, "loss": loss_total / max(pending["targets"], 1.0), "lr": lr, "grad_norm": grad_norm,
+                "tokens": trained_tokens,
+                "tokens_per_s": (pending["targets"] if causal else pending["tokens"]) / max(now - clock, 1e-9),
+                "data/efficiency": pending["tokens"] / max(pending["positions"], 1.0),
+                "data/skipped": stats.bad, "data/truncated": stats.truncated,
+            }
+            if len(names) > 1:
+                record.update({f"data/mix/{n}": c / max(sum(drawn), 1) for n, c in zip(names, drawn)})
+            tracker.log(record)
             pending_loss.zero_()
-            pending_targets = pending_tokens = 0
+            pending = dict.fromkeys(pending, 0.0)
             clock = time.perf_counter()
-        if data.eval and t.eval_every and done % t.eval_every == 0:
+        if d.eval and t.eval_every and done % t.eval_every == 0:
             results["after training"] = run_eval(done)
             last_eval_step = done
             clock = time.perf_counter()
 
-    if data.eval and last_eval_step != total_steps:
+    if d.eval and last_eval_step != total_steps:
         results["after training"] = run_eval(total_steps)
     export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer)
     tracking.info(f"saved {out_dir / 'final'}", enabled=is_main)
-    if data.eval:
+    if d.eval:
         tracker.summary("evaluation", results)
     tracker.close()
     del hf_ds_config
@@ -321,9 +303,9 @@ def run(config: str | None, overrides: list[str], local_rank: int | None = None)
     cfg = load_config(config, overrides)
     pre = preflight(cfg, dist.read_launch_env(local_rank_arg=local_rank))
     tokenizer = build_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer)
+    plan = plan_data(cfg.data, cfg.model, tokenizer)
     try:
-        return train(pre, tokenizer, data)
+        return train(pre, tokenizer, plan)
     finally:
         dist.destroy_process_group()
 
@@ -334,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         run(config, overrides, local_rank)
     except UsageRequested:
         print(USAGE)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"bigsft: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     return EXIT_OK

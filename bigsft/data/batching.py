@@ -1,4 +1,9 @@
-"""Samples -> padded tensors. Each micro-batch is padded to its own longest sample, never to max_length."""
+"""Samples -> tensors: padded micro-batches, or packed rows with position ids restarting per sample.
+
+Padded batches are padded to their own longest sample, never to max_length. Packed rows carry
+`position_ids` and no attention mask: transformers then builds a block-diagonal causal mask from the
+position ids (flash-attention uses varlen kernels), so no token attends across a sample boundary.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +17,31 @@ from bigsft.data.tokenize import IGNORE, Sample
 @dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]
-    """Model inputs: input_ids, attention_mask (and token_type_ids for encoders that use them)."""
+    """Model inputs: input_ids with attention_mask (padded) or position_ids (packed)."""
     targets: torch.Tensor
     """[B, T] shifted next-token targets (-100: no loss) for causal LMs, [B] class ids for classifiers."""
     num_targets: int
     """Trained units in this batch: labeled tokens (causal LM) or examples (classification)."""
     num_tokens: int
     """Non-pad input tokens."""
+    num_samples: int = 0
+    """Samples in the batch (several per row when packed)."""
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device),
-                     self.num_targets, self.num_tokens)
+                     self.num_targets, self.num_tokens, self.num_samples)
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.inputs["input_ids"].numel())
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return -(-n // multiple) * multiple if multiple else n
 
 
 def collate(samples: list[Sample], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:
-    longest = max(len(s.input_ids) for s in samples)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    longest = _round_up(max(len(s.input_ids) for s in samples), pad_to_multiple_of)
     n = len(samples)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, longest), dtype=torch.long)
@@ -50,4 +63,68 @@ def collate(samples: list[Sample], *, pad_id: int, pad_to_multiple_of: int | Non
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
     num_targets = int((targets != IGNORE).sum()) if per_token else n
-    return Batch(inputs, targets, num_targets, int(attention_mask.sum()))
+    return Batch(inputs, targets, num_targets, int(attention_mask.sum()), n)
+
+
+def collate_packed(rows: list[list[Sample]], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:
+    """Rows of several samples each; position ids restart at 0 for every sample (and for the padding)."""
+    lengths = [sum(len(s.input_ids) for s in row) for row in rows]
+    longest = _round_up(max(lengths), pad_to_multiple_of)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    targets = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s.input_ids)
+            input_ids[i, at : at + n] = torch.tensor(s.input_ids)
+            targets[i, at : at + n] = torch.tensor(s.targets)
+            position_ids[i, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[i, at:] = torch.arange(longest - at)  # padding is its own segment, never attended to
+    return Batch({"input_ids": input_ids, "position_ids": position_ids}, targets,
+                 int((targets != IGNORE).sum()), sum(lengths), sum(len(row) for row in rows))
+
+
+class Packer:
+    """First-fit packing of samples into rows of at most `max_length` tokens, over a few open rows.
+
+    A sample goes into the first open row with room; when none has room and `open_rows` rows are open,
+    the fullest is closed. Rows come out in a deterministic order, and the open rows are part of the
+    data state saved with checkpoints.
+    """
+
+    def __init__(self, max_length: int, open_rows: int = 16):
+        self.max_length = max_length
+        self.open_rows = open_rows
+        self.rows: list[list[Sample]] = []
+        self.lengths: list[int] = []
+
+    def add(self, sample: Sample) -> list[list[Sample]]:
+        n = len(sample.input_ids)
+        for i, used in enumerate(self.lengths):
+            if used + n <= self.max_length:
+                self.rows[i].append(sample)
+                self.lengths[i] += n
+                return [self._close(i)] if self.lengths[i] == self.max_length else []
+        closed = []
+        if len(self.rows) >= self.open_rows:
+            closed.append(self._close(max(range(len(self.rows)), key=self.lengths.__getitem__)))
+        self.rows.append([sample])
+        self.lengths.append(n)
+        return closed
+
+    def _close(self, i: int) -> list[Sample]:
+        self.lengths.pop(i)
+        return self.rows.pop(i)
+
+    def flush(self) -> list[list[Sample]]:
+        rows, self.rows, self.lengths = self.rows, [], []
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"rows": [[s.to_state() for s in row] for row in self.rows]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [[Sample.from_state(s) for s in row] for row in state["rows"]]
+        self.lengths = [sum(len(s.input_ids) for s in row) for row in self.rows]

@@ -6,6 +6,7 @@ counts reasons and reports the first few with their `file:line`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +18,11 @@ class BadRecordError(ValueError):
 
 @dataclass(frozen=True)
 class Conversation:
-    """Chat turns; the loss covers assistant turns."""
+    """Chat turns (role, content, and for tool use `tool_calls` / `name`); the loss covers assistant turns."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    """Tool (function) schemas offered to the model, passed to the chat template."""
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,57 @@ def parse_alpaca(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conve
 
 _ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
+                   "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 
 
-def _check_turns(messages: list[dict[str, str]]) -> Conversation:
+def _check_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecordError("no assistant turn")
     for m in messages:
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and not m.get("tool_calls"):
             _nonempty(m["content"], "assistant turn")
-    return Conversation(messages)
+        elif m["content"]:
+            _nonempty(m["content"], f"{m['role']} turn")
+    return Conversation(messages, tools)
+
+
+def _tools(record: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, Any]] | None:
+    """Tool schemas: a list, or a JSON string of one (as glaive / LLaMA-Factory data ship them)."""
+    tools = _field(record, columns, "tools", required=False, kind=(str, list))
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise BadRecordError("tools is not valid JSON") from None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRecordError("tools should be a list of objects")
+    # Templates expect OpenAI's {"type": "function", "function": {...}} wrapping.
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def _tool_call(text: str) -> list[dict[str, Any]]:
+    """A sharegpt `function_call` turn ({"name": ..., "arguments": {...}}) as OpenAI tool_calls."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        raise BadRecordError("function_call turn is not valid JSON") from None
+    calls = call if isinstance(call, list) else [call]
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise BadRecordError("function_call turn needs a name")
+    out = []
+    for c in calls:
+        arguments = c.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise BadRecordError("function_call arguments are not valid JSON") from None
+        out.append({"type": "function", "function": {"name": c["name"], "arguments": arguments}})
+    return out
 
 
 def parse_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conversation:
@@ -115,28 +159,54 @@ def parse_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> Con
         if role not in _ROLES:
             raise BadRecordError(f"unknown role {role!r}")
         content = turn.get("content")
-        if content is None and turn.get("tool_calls"):
-            import json
-
-            content = json.dumps(turn["tool_calls"], ensure_ascii=False)
+        if content is None and (turn.get("tool_calls") or role == "tool"):
+            content = ""
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
         if not isinstance(content, str):
             raise BadRecordError(f"{role} message content should be text")
-        messages.append({"role": role, "content": content})
-    return _check_turns(messages)
+        message: dict[str, Any] = {"role": role, "content": content}
+        if turn.get("tool_calls"):
+            if role != "assistant" or not isinstance(turn["tool_calls"], list):
+                raise BadRecordError("tool_calls belong in assistant messages, as a list")
+            calls = []
+            for call in turn["tool_calls"]:
+                if not (isinstance(call, Mapping) and isinstance(call.get("function"), Mapping)):
+                    raise BadRecordError("a tool call needs a function object")
+                function = {**call["function"], "arguments": _arguments(call["function"].get("arguments", {}))}
+                calls.append({**call, "function": function})
+            message["tool_calls"] = calls
+        for key in ("name", "tool_call_id"):
+            if isinstance(turn.get(key), str):
+                message[key] = turn[key]
+        messages.append(message)
+    return _check_turns(messages, _tools(record, columns))
+
+
+def _arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            raise BadRecordError("tool call arguments are not valid JSON") from None
+    return arguments
 
 
 def parse_sharegpt(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conversation:
     turns = _field(record, columns, "conversations", kind=list)
     system = _field(record, columns, "system", required=False)
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for turn in turns:
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
             raise BadRecordError("a turn should be an object with from and value")
         role = _SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise BadRecordError(f"unknown role {turn.get('from')!r}")
-        messages.append({"role": role, "content": turn["value"]})
-    return _check_turns(messages)
+        if turn.get("from") == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _tool_call(turn["value"])})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
+    return _check_turns(messages, _tools(record, columns))
 
 
 def parse_prompt_completion(record: Mapping[str, Any], columns: Mapping[str, str]) -> Completion:

@@ -2,8 +2,12 @@
 
 For causal LMs a sample carries `targets` already shifted: targets[t] is the token position t must
 predict, or -100 where no loss applies (prompts, system text, tool results, template scaffolding).
-Shifting per sample, before any batching, keeps a sample's last token from ever predicting the
-next sample's first one.
+Shifting per sample, before any packing, keeps a sample's last token from ever predicting the next
+sample's first one.
+
+Conversations are rendered with the tokenizer's chat template (or `data.chat_template`, or a
+ChatML-style default); the trained spans are found by rendering the conversation up to each
+assistant turn, so any template that renders earlier turns the same way once later ones exist works.
 """
 
 from __future__ import annotations
@@ -11,19 +15,39 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from bigsft.data.formats import BadRecordError, Completion, Conversation, Example, Labeled, PlainText
 
 IGNORE = -100
+TRAIN_ON = ("assistant", "last_assistant", "all")
 
 # ChatML-style, for tokenizers without a chat template. Assistant turns end with the tokenizer's EOS
-# so that a model trained on it learns to stop.
+# so that a model trained on it learns to stop; tool schemas go into the system turn and tool calls
+# are JSON between <tool_call> tags.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
-    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{%- set ns = namespace(messages=messages) -%}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ messages[0]['content'] + '\n\n' }}{%- set ns.messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{{ 'You may call these tools:\n' }}"
+    "{%- for tool in tools -%}{{ tool | tojson }}{{ '\n' }}{%- endfor -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in ns.messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{ '<tool_call>\n' + (call['function'] | tojson) + '\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>' }}"
+    "{%- if message['role'] == 'assistant' and eos_token -%}{{ eos_token }}{%- endif -%}"
     "{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
 
@@ -33,6 +57,7 @@ class Sample:
     targets: list[int] | int
     """Per-position next-token targets (-100: no loss) for causal LMs; a class id for classifiers."""
     token_type_ids: list[int] | None = None
+    truncated: bool = False
 
     @property
     def num_targets(self) -> int:
@@ -40,23 +65,61 @@ class Sample:
             return 1
         return sum(t != IGNORE for t in self.targets)
 
+    def to_state(self) -> list:
+        return [self.input_ids, self.targets, self.token_type_ids, self.truncated]
+
+    @classmethod
+    def from_state(cls, state: list) -> Sample:
+        return cls(*state)
+
 
 class SampleBuilder:
     """Turns examples into samples for one tokenizer and task; raises BadRecordError when it cannot."""
 
     def __init__(self, tokenizer, *, max_length: int, system_prompt: str | None = None,
-                 chat_template: str | None = None, label2id: Mapping[str, int] | None = None,
-                 num_labels: int | None = None):
+                 chat_template: str | None = None, train_on: str = "assistant", truncation: str = "truncate",
+                 label2id: Mapping[str, int] | None = None, num_labels: int | None = None):
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {TRAIN_ON}")
         self.tok = tokenizer
         self.max_length = max_length
         self.system_prompt = system_prompt
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        self.train_on = train_on
+        self.truncation = truncation
         self.label2id = dict(label2id or {})
         self.num_labels = num_labels
 
     def __call__(self, example: Example) -> Sample:
-        if isinstance(example, Conversation):
-            return self._conversation(example)
+        out = self.build_many([example])[0]
+        if isinstance(out, BadRecordError):
+            raise out
+        return out
+
+    def build_many(self, examples: list[Example]) -> list[Sample | BadRecordError]:
+        """Samples for a chunk of examples (BadRecordError in place of the ones that cannot be used).
+
+        Conversations are tokenized in one batched call: the fast tokenizer splits a batch over threads.
+        """
+        out: list[Sample | BadRecordError | None] = [None] * len(examples)
+        rendered: list[tuple[int, str, list[tuple[int, int]]]] = []
+        for i, example in enumerate(examples):
+            try:
+                if isinstance(example, Conversation):
+                    rendered.append((i, *self._render_spans(example)))
+                else:
+                    out[i] = self._one(example)
+            except BadRecordError as e:
+                out[i] = e
+        if rendered:
+            for (i, _, _), (ids, trained) in zip(rendered, self._tokenize_spans([(t, sp) for _, t, sp in rendered])):
+                try:
+                    out[i] = self._causal(ids, trained)
+                except BadRecordError as e:
+                    out[i] = e
+        return out
+
+    def _one(self, example: Example) -> Sample:
         if isinstance(example, Completion):
             return self._completion(example)
         if isinstance(example, PlainText):
@@ -75,65 +138,81 @@ class SampleBuilder:
         return [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
 
     def _causal(self, ids: list[int], trained: list[bool]) -> Sample:
-        if len(ids) > self.max_length:
+        truncated = len(ids) > self.max_length
+        if truncated:
+            if self.truncation == "drop":
+                raise BadRecordError(f"longer than data.max_length={self.max_length} (data.truncation: drop)")
             ids, trained = ids[: self.max_length], trained[: self.max_length]
         # Position t predicts token t+1; the target is kept only where token t+1 is trained.
-        targets = [ids[t + 1] if trained[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
-        if all(t == IGNORE for t in targets):
-            raise BadRecordError(f"no trained token within data.max_length={self.max_length}")
-        return Sample(ids, targets)
+        shifted = np.full(len(ids), IGNORE, dtype=np.int64)
+        shifted[:-1] = np.where(np.asarray(trained[1:], dtype=bool), np.asarray(ids[1:], dtype=np.int64), IGNORE)
+        targets = shifted.tolist()
+        if not np.any(shifted != IGNORE):
+            if truncated:
+                raise BadRecordError(f"prompt fills data.max_length={self.max_length}, no trained token left")
+            raise BadRecordError("no trained token")
+        return Sample(ids, targets, truncated=truncated)
 
     def _completion(self, ex: Completion) -> Sample:
         prompt = self._encode(ex.prompt, special=True)
         answer = self._encode(ex.completion) + self._eos()
-        return self._causal(prompt + answer, [False] * len(prompt) + [True] * len(answer))
+        return self._causal(prompt + answer, [self.train_on == "all"] * len(prompt) + [True] * len(answer))
 
-    def _render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                            add_generation_prompt=generation_prompt)
+    def _render(self, conv: Conversation, upto: int, *, generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(conv.messages[:upto], tools=conv.tools, chat_template=self.chat_template,
+                                            tokenize=False, add_generation_prompt=generation_prompt)
 
-    def _conversation(self, ex: Conversation) -> Sample:
-        messages = ex.messages
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+    def _render_spans(self, ex: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans that carry the loss."""
+        if self.system_prompt and ex.messages[0]["role"] != "system":
+            ex = Conversation([{"role": "system", "content": self.system_prompt}, *ex.messages], ex.tools)
         try:
-            text = self._render(messages, generation_prompt=False)
-            spans = []  # character spans of assistant turns, scaffolding after the content included
-            for i, m in enumerate(messages):
-                if m["role"] != "assistant":
-                    continue
-                before = self._render(messages[:i], generation_prompt=True)
-                through = self._render(messages[: i + 1], generation_prompt=False)
-                if not (text.startswith(before) and text.startswith(through)):
-                    raise BadRecordError("chat template renders earlier turns differently once later turns exist")
-                spans.append((len(before), len(through.rstrip())))
+            text = self._render(ex, len(ex.messages), generation_prompt=False)
+            if self.train_on == "all":
+                spans = [(0, len(text))]
+            else:
+                spans = []  # character spans of assistant turns, end-of-turn scaffolding included
+                turns = [i for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
+                if self.train_on == "last_assistant":
+                    turns = turns[-1:]
+                for i in turns:
+                    before = self._render(ex, i, generation_prompt=True)
+                    through = text if i + 1 == len(ex.messages) else self._render(ex, i + 1, generation_prompt=False)
+                    if not (text.startswith(before) and text.startswith(through)):
+                        raise BadRecordError("chat template renders earlier turns differently once later turns exist")
+                    spans.append((len(before), len(through.rstrip())))
         except BadRecordError:
             raise
         except Exception as e:  # a template that rejects this conversation (role order, ...)
             raise BadRecordError(f"chat template failed: {str(e).splitlines()[0][:120]}") from None
-        ids, trained = self._tokenize_spans(text, spans)
-        return self._causal(ids, trained)
+        return text, spans
 
-    def _tokenize_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-        if getattr(self.tok, "is_fast", False):
-            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            trained = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
-            return enc["input_ids"], trained
+    def _tokenize_spans(self, items: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[list[int], list[bool]]]:
+        """Token ids and per-token trained flags: a token is trained when it overlaps a trained span."""
+        if not getattr(self.tok, "is_fast", False):
+            return [self._tokenize_pieces(text, spans) for text, spans in items]
+        enc = self.tok([text for text, _ in items], add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], items):
+            offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            trained = np.zeros(len(ids), dtype=bool)
+            for s, e in spans:
+                trained |= (offsets[:, 0] < e) & (offsets[:, 1] > s)
+            out.append((ids, trained))
+        return out
+
+    def _tokenize_pieces(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         # Slow tokenizers have no offsets: tokenize prompt and response pieces separately.
         ids: list[int] = []
         trained: list[bool] = []
         pos = 0
-        for s, e in spans:
+        for s, e in [*spans, (len(text), len(text))]:
             for piece, is_trained in ((text[pos:s], False), (text[s:e], True)):
                 if piece:
                     piece_ids = self._encode(piece)
                     ids += piece_ids
                     trained += [is_trained] * len(piece_ids)
             pos = e
-        if pos < len(text):
-            rest = self._encode(text[pos:])
-            ids += rest
-            trained += [False] * len(rest)
         return ids, trained
 
     # -- classification -----------------------------------------------------------------------------
@@ -148,4 +227,8 @@ class SampleBuilder:
             if self.num_labels is not None and not 0 <= label < self.num_labels:
                 raise BadRecordError(f"label {label} outside 0..{self.num_labels - 1}")
         enc = self.tok(ex.text, ex.text_pair, truncation=True, max_length=self.max_length)
-        return Sample(enc["input_ids"], label, enc.get("token_type_ids"))
+        full = len(self.tok(ex.text, ex.text_pair)["input_ids"]) if len(enc["input_ids"]) == self.max_length else 0
+        truncated = full > self.max_length
+        if truncated and self.truncation == "drop":
+            raise BadRecordError(f"longer than data.max_length={self.max_length} (data.truncation: drop)")
+        return Sample(enc["input_ids"], label, enc.get("token_type_ids"), truncated=truncated)

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import yaml
+
+import tiny
 from conftest import REPO, causal_config, check, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow
@@ -45,20 +46,24 @@ def eval_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if "eval/loss" in r]
 
 
-def reload_eval_loss(config: Path, final: Path) -> float:
+def reload_eval_loss(config: Path, final: Path, overrides: tuple[str, ...] = ()) -> float:
     """Eval loss of the exported model, in this process, without DeepSpeed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bigsft.config import load_config
-    from bigsft.data.loader import eval_shard
+    from bigsft.data.loader import SplitStats
+    from bigsft.data.pipeline import eval_batches, plan_data
+    from bigsft.data.stream import dummy_batch
     from bigsft.evaluate import evaluate
-    from bigsft.train import prepare_data
 
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
-    data = prepare_data(load_config(str(config)), tok)
-    batches = eval_shard(data.eval, micro_batch_size=5, rank=0, world_size=1, pad_id=tok.pad_token_id)
-    return evaluate(model, batches, causal=True, num_labels=None, device="cpu", dummy=batches[0])["eval/loss"]
+    cfg = load_config(str(config), overrides)
+    plan = plan_data(cfg.data, cfg.model, tok)
+    batches = eval_batches(cfg.data, plan, SplitStats(), dp_rank=0, dp_size=1, micro_batch_size=5,
+                           pad_id=tok.pad_token_id)
+    return evaluate(model, batches, causal=True, num_labels=None, device="cpu",
+                    dummy=dummy_batch(causal=True, pad_id=tok.pad_token_id))["eval/loss"]
 
 
 def test_run_directory_contract(zero0_run, parity_config):
@@ -132,6 +137,22 @@ def test_launchers_reproduce_the_deepspeed_launcher(how, zero0_run, parity_confi
                      launcher="plain"))
     assert train_losses(out) == pytest.approx(train_losses(zero0_run), abs=1e-5)
     assert eval_records(out)[-1]["eval/loss"] == pytest.approx(eval_records(zero0_run)[-1]["eval/loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("ds", ["zero0", "zero3"])
+def test_packed_streaming_on_2_ranks_equals_one_rank(ds, parity_config, tmp_path):
+    packed = ["data.packing=true", "train.micro_batch_size=1", "data.max_length=96", "train.eval_every=0"]
+    run_2ranks(parity_config, tmp_path / "two", ds, *packed)
+    check(launch([str(parity_config), f"output_dir={tmp_path / 'one'}", *packed,
+                  "train.gradient_accumulation_steps=4"], launcher="plain"))
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
+    assert [r["tokens"] for r in two if "loss" in r] == [r["tokens"] for r in one if "loss" in r]
+    assert all(r["data/efficiency"] > 0.9 for r in two if "loss" in r)  # packed rows are nearly full
+    final_eval = eval_records(tmp_path / "two")[-1]["eval/loss"]
+    assert final_eval == pytest.approx(eval_records(tmp_path / "one")[-1]["eval/loss"], abs=1e-5)
+    assert reload_eval_loss(parity_config, tmp_path / "two" / "final", tuple(packed)) == pytest.approx(final_eval,
+                                                                                                        abs=1e-5)
 
 
 def test_zero3_builds_the_model_already_partitioned(llama_dir):

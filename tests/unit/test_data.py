@@ -1,4 +1,4 @@
-"""Data: sources and bad records, formats, loss masks, padding, rank sharding of train and eval."""
+"""Data: readers and bad records, formats, chat templates and loss masks, truncation, padding."""
 
 from __future__ import annotations
 
@@ -11,14 +11,7 @@ from transformers import AutoTokenizer
 from bigsft.config import ConfigError, DataSource
 from bigsft.data.batching import collate
 from bigsft.data.formats import PARSERS, BadRecordError, Completion, Conversation, Labeled
-from bigsft.data.loader import (
-    SplitStats,
-    TrainBatches,
-    build_samples,
-    check_bad_fraction,
-    eval_shard,
-    read_examples,
-)
+from bigsft.data.loader import SplitStats, build_samples, read_examples
 from bigsft.data.sources import BadRecord, Record, list_files, read_source
 from bigsft.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE, Sample, SampleBuilder
 
@@ -180,8 +173,11 @@ def test_truncation_keeps_prompt_and_drops_samples_without_trained_tokens(tok):
     build = SampleBuilder(tok, max_length=16)
     long_answer = build(Completion("Hi", " " + "apple " * 40))
     assert len(long_answer.input_ids) == 16 and long_answer.num_targets > 0
-    with pytest.raises(BadRecordError, match="no trained token within data.max_length=16"):
+    with pytest.raises(BadRecordError, match="prompt fills data.max_length=16, no trained token left"):
         build(Completion("word " * 40, " answer"))
+    assert long_answer.truncated
+    with pytest.raises(BadRecordError, match="longer than data.max_length=16"):
+        SampleBuilder(tok, max_length=16, truncation="drop")(Completion("Hi", " " + "apple " * 40))
 
 
 def test_classification_maps_names_and_checks_ids(tok):
@@ -209,65 +205,131 @@ def test_collate_pads_to_longest_in_batch_not_max_length():
     assert collate(samples, pad_id=0, pad_to_multiple_of=8).inputs["input_ids"].shape == (2, 8)
 
 
-# -- rank sharding ---------------------------------------------------------------------------------
 
-def _numbered(n: int) -> list[Sample]:
-    return [Sample([i + 1] * (1 + i % 5), [IGNORE] * (i % 5) + [i + 1]) for i in range(n)]
-
-
-def _ids(batches) -> list[int]:
-    return [int(row[0]) - 1 for b in batches for row in b.inputs["input_ids"]]
-
-
-@pytest.mark.parametrize("dp", [1, 2, 3])
-def test_train_windows_are_disjoint_complete_and_world_size_independent(dp):
-    samples = _numbered(50)
-    per_step = 12  # global batch: micro 2 × accumulation (6 // dp) × dp
-    ranks = [TrainBatches(samples, micro_batch_size=2, gradient_accumulation_steps=6 // dp, dp_rank=r, dp_size=dp,
-                          seed=7, pad_id=0) for r in range(dp)]
-    assert ranks[0].steps_per_epoch == 50 // per_step
-    for step in range(2 * ranks[0].steps_per_epoch):
-        seen = [_ids(b.window(step)) for b in ranks]
-        flat = sorted(i for s in seen for i in s)
-        assert len(flat) == len(set(flat)) == per_step
-        reference = sorted(_ids(TrainBatches(samples, micro_batch_size=2, gradient_accumulation_steps=6,
-                                             dp_rank=0, dp_size=1, seed=7, pad_id=0).window(step)))
-        assert flat == reference  # the same global batch whatever the world size
-    epoch0 = {i for s in range(4) for b in ranks for i in _ids(b.window(s))}
-    assert len(epoch0) == 48  # one epoch covers all but the incomplete last global batch
-    assert _ids(ranks[0].window(0)) != _ids(ranks[0].window(4))  # reshuffled next epoch
-
-
-def test_too_little_data_for_one_global_batch():
-    with pytest.raises(ConfigError, match="fewer than one global batch of 16"):
-        TrainBatches(_numbered(10), micro_batch_size=4, gradient_accumulation_steps=2, dp_rank=0, dp_size=2,
-                     seed=0, pad_id=0)
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_eval_shards_count_every_sample_once(world):
-    samples = _numbered(11)
-    seen = [i for r in range(world) for i in _ids(eval_shard(samples, micro_batch_size=2, rank=r, world_size=world,
-                                                               pad_id=0))]
-    assert sorted(seen) == list(range(11))
-
-
-def test_bad_fraction_aborts_with_counts_and_first_locations(tmp_path):
-    f = tmp_path / "t.jsonl"
-    f.write_text("".join(['{"prompt": "p", "completion": "c"}\n'] * 8 + ['{"prompt": "p"}\n', "oops\n"]))
+def test_build_samples_counts_failures_and_truncation(tok):
     stats = SplitStats()
-    examples = read_examples([DataSource(path=str(f), format="prompt_completion")], "train", stats)
-    assert len(examples) == 8 and stats.records == 10
-    check_bad_fraction(stats, "train", 0.5)
-    with pytest.raises(ConfigError) as info:
-        check_bad_fraction(stats, "train", 0.1)
-    text = str(info.value)
-    assert "2 of 10 records are unusable" in text and "1 missing field 'completion'" in text
-    assert f"{f}:9: missing field 'completion'" in text and f"{f}:10: malformed JSON" in text
-
-
-def test_build_samples_counts_failures(tok):
-    stats = SplitStats()
-    pairs = [(Completion("hi", " there"), "f:1"), (Completion("word " * 50, " x"), "f:2")]
+    pairs = [(Completion("hi", " there"), "f:1"), (Completion("word " * 50, " x"), "f:2"),
+             (Completion("hi", " apple" * 30), "f:3")]
     samples = build_samples(pairs, SampleBuilder(tok, max_length=16), stats)
-    assert len(samples) == 1 and stats.first_bad == ["f:2: no trained token within data.max_length=16"]
+    assert len(samples) == 2 and stats.samples == 2 and stats.truncated == 1
+    assert stats.first_bad == ["f:2: prompt fills data.max_length=16, no trained token left"]
+
+
+# -- resumable readers -----------------------------------------------------------------------------
+
+def _write_lines(path, n, opener=open):
+    with opener(path, "wt") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"text": f"record {i}"}) + "\n")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst", ".csv", ".json", ".parquet"])
+def test_reader_resumes_mid_file_at_the_same_record(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    rows = [{"text": f"record {i}", "label": str(i % 2)} for i in range(23)]
+    if suffix == ".jsonl":
+        _write_lines(path, 23)
+    elif suffix == ".jsonl.gz":
+        _write_lines(path, 23, gzip.open)
+    elif suffix == ".jsonl.zst":
+        import zstandard
+
+        path.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    elif suffix == ".csv":
+        path.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+    from bigsft.data.sources import EPOCH_END, SourceReader
+
+    def reader():
+        return SourceReader(DataSource(path=str(path), format="text"), [str(path)], seed=0, index=0, dp_rank=1,
+                            dp_size=3, shuffle_files=False, cycle=True)
+
+    first = reader()
+    got = [first.next() for _ in range(4)]
+    state = json.loads(json.dumps(first.state_dict()))
+    rest = [first.next() for _ in range(10)]
+    resumed = reader()
+    resumed.load_state_dict(state)
+    assert [resumed.next() for _ in range(10)] == rest
+    texts = [r.fields["text"] for r in got + rest if r is not EPOCH_END]
+    assert texts[:4] == ["record 1", "record 4", "record 7", "record 10"]  # every third record, from the second
+    assert EPOCH_END in rest
+
+
+def test_malformed_json_array_file_is_an_error_not_a_silent_loss(tmp_path):
+    from bigsft.data.sources import DataError
+
+    (tmp_path / "a.json").write_text('[{"text": "ok"}, {"text": ')
+    with pytest.raises(DataError, match=r"a\.json:1:\d+: malformed JSON .* the whole file is unreadable"):
+        list(read_source(DataSource(path=str(tmp_path / "a.json"), format="text"), "x"))
+
+
+def test_undecodable_line_is_one_bad_record(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "also fine"}\n')
+    items = list(read_source(DataSource(path=str(f), format="text"), "x"))
+    assert [type(i).__name__ for i in items] == ["Record", "BadRecord", "Record"]
+    assert items[1].reason == "undecodable bytes (not UTF-8)" and items[1].location == f"{f}:2"
+
+
+def test_hub_dataset_offline_is_a_clear_data_error(monkeypatch):
+    from bigsft.data.sources import DataError, is_hub_dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert is_hub_dataset("tatsu-lab/alpaca") and not is_hub_dataset("data/train.jsonl")
+    with pytest.raises(DataError, match="tatsu-lab/alpaca: cannot stream this hub dataset"):
+        list(read_source(DataSource(path="tatsu-lab/alpaca", format="alpaca"), "x"))
+
+
+# -- conversations with tools, and what carries the loss -------------------------------------------
+
+def test_glaive_tool_calls_train_calls_and_answers_not_tool_results(tok, shared_data):
+    data = json.loads((shared_data / "glaive_toolcall_en_demo.json").read_text())
+    record = next(r for r in data if any(t["from"] == "observation" for t in r["conversations"]))
+    conv = PARSERS["sharegpt"](record, {})
+    assert conv.tools and conv.tools[0]["type"] == "function"
+    call = next(m for m in conv.messages if m.get("tool_calls"))
+    sample = SampleBuilder(tok, max_length=4096)(conv)
+    text = trained_text(tok, sample)
+    full = tok.decode(sample.input_ids)
+    observation = next(t["value"] for t in record["conversations"] if t["from"] == "observation")
+    human = record["conversations"][0]["value"]
+    assert "You may call these tools" in full and call["tool_calls"][0]["function"]["name"] in full
+    assert '"name": "' + call["tool_calls"][0]["function"]["name"] in text  # the call is trained
+    assert observation[:40] not in text and human[:40] not in text  # tool results and prompts are not
+    final = record["conversations"][-1]["value"]
+    assert final[:40] in text and text.count(tok.eos_token) == sum(m["role"] == "assistant" for m in conv.messages)
+
+
+def test_openai_messages_with_tool_calls_and_content_parts():
+    rec = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\": 3}"},
+        {"role": "assistant", "content": "It is 3 degrees."}],
+        "tools": [{"name": "weather", "parameters": {"type": "object"}}]}
+    conv = PARSERS["messages"](rec, {})
+    assert conv.messages[0]["content"] == "Weather in Oslo?"
+    assert conv.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert conv.messages[2]["tool_call_id"] == "c1"
+    assert conv.tools == [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize(("train_on", "trained", "untrained"), [
+    ("assistant", ["first answer", "second answer"], ["question one", "You help"]),
+    ("last_assistant", ["second answer"], ["first answer", "question one"]),
+    ("all", ["question one", "first answer", "second answer", "You help"], []),
+])
+def test_train_on_modes(tok, train_on, trained, untrained):
+    conv = Conversation([{"role": "system", "content": "You help."}, {"role": "user", "content": "question one"},
+                         {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "question two"},
+                         {"role": "assistant", "content": "second answer"}])
+    text = trained_text(tok, SampleBuilder(tok, max_length=512, train_on=train_on)(conv))
+    assert all(t in text for t in trained) and not any(u in text for u in untrained)
