@@ -155,6 +155,22 @@ def test_packed_streaming_on_2_ranks_equals_one_rank(ds, parity_config, tmp_path
                                                                                                         abs=1e-5)
 
 
+def test_weighted_sources_mix_as_configured_and_log_it(tmp_path, llama_dir):
+    a = tiny.write_jsonl(tmp_path / "a.jsonl", tiny.alpaca_records(60, seed=2))
+    b = tiny.write_jsonl(tmp_path / "b.jsonl", tiny.alpaca_records(60, seed=3))
+    cfg = causal_config(tmp_path, llama_dir, a, max_steps=12, log_every=12, micro_batch_size=8,
+                        gradient_accumulation_steps=2)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["data"]["train"] = [{"path": str(a), "format": "alpaca", "weight": 3, "name": "big"},
+                            {"path": str(b), "format": "alpaca", "weight": 1, "name": "small"}]
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = check(launch([str(cfg)], launcher="plain"))
+    [last] = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert last["data/mix/big"] + last["data/mix/small"] == pytest.approx(1.0)
+    assert last["data/mix/big"] == pytest.approx(0.75, abs=0.08)  # 192 draws
+    assert "big 75%, small 25%" in proc.stdout
+
+
 def test_zero3_builds_the_model_already_partitioned(llama_dir):
     script = Path(__file__).with_name("zero3_partition_check.py")
     from bigsft.dist import free_port

@@ -75,3 +75,20 @@ def test_bad_data_exits_2_before_training(tmp_path, llama_dir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "3 of 4 records are unusable" in proc.stderr and "t.jsonl:2: malformed JSON" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_data_inspect_shows_samples_and_corpus_stats(tmp_path, llama_dir, alpaca_files):
+    from conftest import causal_config
+
+    train = tmp_path / "t.jsonl"
+    train.write_text(alpaca_files[0].read_text() + "{broken\n")
+    cfg = causal_config(tmp_path, llama_dir, train)
+    proc = bigsft("data", "inspect", str(cfg), "-n", "2", "data.max_length=256")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "sample 1 (t)" in out and "sample 2 (t)" in out and "sample 3" not in out
+    assert "trained" in out and "<|im_start|>assistant" in out
+    for line in ("records", "samples", "trained tokens", "skipped: malformed JSON", "packed into rows of 256",
+                 "sample lengths (tokens)"):
+        assert line in out, line
+    assert "t.jsonl:129: malformed JSON" in out

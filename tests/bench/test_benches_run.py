@@ -1,0 +1,19 @@
+"""Benchmarks are scripts, not tests: here they only have to run end to end on a tiny setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_data_throughput_bench_runs():
+    proc = subprocess.run([sys.executable, "bench/data_throughput.py", "--records", "300", "--memory-records", "100",
+                           "--max-length", "256"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "tokenizer alone" in out and "bigsft pipeline, packed" in out and "peak memory streaming" in out
