@@ -1,8 +1,9 @@
-"""`bigsft` command line: train, validate, data inspect."""
+"""`bigsft` command line: train, validate, export, data inspect."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from bigsft.config import ConfigError
@@ -13,6 +14,9 @@ commands:
   train [CONFIG_OR_RECIPE] [key.path=value ...]   train (no argument: the built-in demo)
   validate CONFIG [key.path=value ...] [--world-size N]
                                                   check a config and its DeepSpeed JSON, print the batch math
+  export CHECKPOINT_OR_RUN_DIR OUT_DIR [--max-shard-size 5GB]
+                                                  write an HF model directory from a checkpoint of any ZeRO
+                                                  stage (a run directory: its newest checkpoint), on CPU
   data inspect CONFIG [-n N] [--limit RECORDS] [key.path=value ...]
                                                   show processed samples (trained tokens highlighted) and
                                                   corpus statistics
@@ -83,6 +87,28 @@ def data_command(argv: list[str]) -> int:
     return 0
 
 
+def export_command(argv: list[str]) -> int:
+    from bigsft.checkpoint import export_checkpoint
+
+    max_shard_size = "5GB"
+    args = []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--max-shard-size"):
+            max_shard_size = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?i?B", max_shard_size, re.IGNORECASE):
+                raise ConfigError(f"--max-shard-size: expected a size like 5GB or 500MB, got {max_shard_size!r}")
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}\n{USAGE}")
+        else:
+            args.append(arg)
+    if len(args) != 2:
+        raise ConfigError(f"usage: bigsft export CHECKPOINT_OR_RUN_DIR OUT_DIR [--max-shard-size 5GB]\n{USAGE}")
+    out = export_checkpoint(args[0], args[1], max_shard_size=max_shard_size)
+    print(f"exported {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -98,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return validate_command(rest)
         if command == "data":
             return data_command(rest)
+        if command == "export":
+            return export_command(rest)
         raise ConfigError(f"unknown command {command!r}\n{USAGE}")
     except ConfigError as e:
         print(f"bigsft: error: {e}", file=sys.stderr)

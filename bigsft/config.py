@@ -161,7 +161,14 @@ class TrainConfig:
     eval_micro_batch_size: int | None = None
     """Samples per rank per eval forward pass; defaults to micro_batch_size."""
     save_every: int = 0
-    """Save a resumable checkpoint every this many optimizer steps; 0: none during training."""
+    """Save a resumable checkpoint every this many optimizer steps (and at the end); 0: only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept under output_dir/checkpoints; older ones are deleted once a newer one is complete."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in output_dir if there is one; `never`; or
+    the path of a checkpoint (or of a run directory) to continue from."""
+    max_skipped_steps: int = 5
+    """Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops."""
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps for a run of `total_steps` optimizer steps."""
@@ -565,7 +572,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if d.shuffle_buffer < 1:
         errors.append(f"data.shuffle_buffer: {d.shuffle_buffer}; must be >= 1 (1 keeps the file order)")
 
-    for name in ("micro_batch_size", "log_every"):
+    for name in ("micro_batch_size", "log_every", "keep_last", "max_skipped_steps"):
         if getattr(t, name) < 1:
             errors.append(f"train.{name}: {getattr(t, name)}; must be >= 1")
     for name in ("gradient_accumulation_steps", "global_batch_size", "max_steps", "warmup_steps",

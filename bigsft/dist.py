@@ -146,6 +146,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _initialized_world() -> int:
     import torch.distributed as dist
 

@@ -29,10 +29,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(module.__file__).resolve().parent / "model")
 
 
-def _auto_classes():
+def auto_class(task: str):
+    """The transformers auto class that builds a model for `task`."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}[task]
 
 
 def load_hf_config(cfg: ModelConfig):
@@ -108,7 +109,7 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     """
     import torch
 
-    auto = _auto_classes()[cfg.task]
+    auto = auto_class(cfg.task)
     dtype = getattr(torch, DTYPE_NAMES[cfg.dtype])
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -133,6 +134,10 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
         model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Lets DeepSpeed convert this run's checkpoints to its universal format (to resume on another world size).
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
     return model
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigsft.checkpoint import ResumePoint, find_resume_point, run_identity
 from bigsft.config import ConfigError, RunConfig, TrainConfig
 from bigsft.dist import LaunchEnv
 from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
@@ -81,6 +82,8 @@ class Preflight:
     ds: dict
     hf_config: object
     accelerator: str
+    identity: dict
+    resume: ResumePoint | None
 
     @property
     def zero_stage(self) -> int:
@@ -93,7 +96,10 @@ class Preflight:
     def resolved_ds(self, total_steps: int) -> dict:
         """The DeepSpeed dict once the total number of steps is known (it fills schedule fields)."""
         values = run_values(self.cfg, self.batch, hidden_size=_hidden_size(self.hf_config), total_steps=total_steps)
-        return resolve_ds_config(self.ds_raw, self.ds_label, values, accelerator=self.accelerator)
+        ds = resolve_ds_config(self.ds_raw, self.ds_label, values, accelerator=self.accelerator)
+        if self.resume is not None and self.resume.universal:
+            ds.setdefault("checkpoint", {})["load_universal"] = True
+        return ds
 
 
 def _hidden_size(hf_config) -> int | None:
@@ -157,7 +163,19 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
     problem = _output_dir_problem(cfg.output_dir)
     if problem:
         errors.append(problem)
+    identity, resume = {}, None
+    if hf_config is not None and batch is not None and ds:
+        m = cfg.model
+        identity = run_identity(
+            hf_config=hf_config, task=m.task, num_labels=m.num_labels or (len(m.labels) if m.labels else None),
+            dtype=m.dtype, zero_stage=zero_stage(ds), pipeline_stages=cfg.pipeline.stages,
+            data_parallel_size=batch.data_parallel_size,
+        )
+        try:
+            resume = find_resume_point(cfg.output_dir, cfg.train.resume, identity)
+        except ConfigError as e:
+            errors += e.problems
     if errors:
         raise ConfigError(errors)
     return Preflight(cfg=cfg, launch=launch, batch=batch, ds_raw=ds_raw, ds_label=ds_label, ds=ds,
-                     hf_config=hf_config, accelerator=accelerator)
+                     hf_config=hf_config, accelerator=accelerator, identity=identity, resume=resume)

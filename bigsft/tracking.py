@@ -29,18 +29,41 @@ def _fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def keep_metrics_through(path: Path, step: int) -> None:
+    """Drop records after `step` (logged by a run that died before its next checkpoint), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class Tracker:
     def __init__(self, output_dir: str | Path, *, enabled: bool, wandb_cfg: WandbConfig | None = None,
-                 run_config: dict | None = None, total_steps: int | None = None):
+                 run_config: dict | None = None, total_steps: int | None = None, resume_step: int | None = None,
+                 run_id: str | None = None):
+        """`resume_step`: continue a run from its checkpoint at that step (metrics.jsonl and the W&B run
+        `run_id` go on from there); None starts them afresh."""
         self.enabled = enabled
         self.total_steps = total_steps
         self._wandb = None
         self._file = None
+        self.run_id = run_id
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
+        metrics = Path(output_dir) / "metrics.jsonl"
+        if resume_step is not None:
+            keep_metrics_through(metrics, resume_step)
         # Open for the whole run, line-buffered: a killed run keeps every line logged so far.
-        self._file = open(Path(output_dir) / "metrics.jsonl", "w", buffering=1)  # noqa: SIM115
+        self._file = open(metrics, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
@@ -48,7 +71,9 @@ class Tracker:
                 project=wandb_cfg.project, entity=wandb_cfg.entity, group=wandb_cfg.group,
                 name=wandb_cfg.name or Path(output_dir).resolve().name, tags=list(wandb_cfg.tags) or None,
                 mode=wandb_cfg.mode, dir=str(output_dir), config=redact(run_config or {}),
+                id=run_id, resume="allow" if run_id else None,
             )
+            self.run_id = self._wandb.id
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics record (must carry `step`)."""

@@ -1,8 +1,13 @@
 """The training recipe: `python -m bigsft.train CONFIG [key.path=value ...]` (and `bigsft train`).
 
-Reads top to bottom in data-flow order: config -> preflight -> data -> process group -> model ->
-engine -> loop (forward, backward, step, log, eval) -> final eval -> export. Everything that can
-be wrong with the config or the data is found before the process group starts (exit code 2).
+Reads top to bottom in data-flow order: config -> preflight (config, DeepSpeed JSON, model config,
+data, checkpoint to resume) -> process group -> model -> engine -> resume -> loop (forward, backward,
+step, log, eval, save) -> final eval -> export. Everything that can be wrong with the config, the data
+or the checkpoint is found before training starts (exit code 2).
+
+Exit codes: 0 finished; 1 failed (a save that could not be written, a diverged run), with one message;
+2 bad config, data or checkpoint; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint: launch the
+same command again to resume.
 """
 
 from __future__ import annotations
@@ -10,11 +15,21 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
 import time
 from pathlib import Path
 
 from bigsft import dist, tracking
+from bigsft.checkpoint import (
+    DS_TAG,
+    UNIVERSAL_TAG,
+    Checkpointer,
+    CheckpointError,
+    clean_leftovers,
+    export_engine,
+    restore_rank_state,
+)
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
 from bigsft.data.batching import Batch
 from bigsft.data.loader import SplitStats, too_many_bad
@@ -23,12 +38,21 @@ from bigsft.data.sources import DataError
 from bigsft.data.stream import dummy_batch, source_names
 from bigsft.preflight import Preflight, preflight
 
-EXIT_OK, EXIT_CONFIG = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAVED = 0, 1, 2, 75
 USAGE = "usage: bigsft train [CONFIG_OR_RECIPE] [key.path=value ...]   (no config: the built-in demo)"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class UsageRequested(Exception):
     """--help was given."""
+
+
+class Diverged(Exception):
+    """Too many optimizer steps in a row with a non-finite loss or gradient: exit code 1."""
+
+
+class StoppedAndSaved(Exception):
+    """A stop signal arrived; a checkpoint was saved: exit code 75."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +106,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def build_optimizer(groups: list[dict], cfg: RunConfig, offload: bool):
+def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offload: bool):
     """AdamW; DeepSpeed's CPU Adam when the optimizer state lives on the host (ZeRO-Offload)."""
     t = cfg.train
     if offload:
@@ -91,7 +115,21 @@ def build_optimizer(groups: list[dict], cfg: RunConfig, offload: bool):
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, adamw_mode=True)
     import torch
 
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+    if zero_stage > 0:  # DeepSpeed's ZeRO optimizers skip non-finite steps themselves
+        return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+
+    class SkippingAdamW(torch.optim.AdamW):
+        """AdamW that leaves weights and state untouched when a gradient is not finite. DeepSpeed's ZeRO
+        optimizers do this themselves; under ZeRO-0 the engine reads `overflow` to count the skip."""
+
+        overflow = False
+
+        def step(self, closure=None):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
+            return None if self.overflow else super().step(closure)
+
+    return SkippingAdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,7 +146,7 @@ def seed_everything(seed: int) -> None:
 
 
 def grad_norm_of(module) -> float:
-    """Global L2 norm of full (unpartitioned) gradients, for ZeRO-0 fp32 where DeepSpeed keeps none."""
+    """Global L2 norm of full (unpartitioned) gradients, for ZeRO-0 in fp32 where DeepSpeed keeps none."""
     import torch
 
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
@@ -121,14 +159,35 @@ def data_parallel_rank(rank: int, data_parallel_size: int) -> int:
     return rank % data_parallel_size
 
 
-def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
+class StopRequest:
+    """SIGTERM / SIGUSR1 (what Slurm sends before a time limit or preemption) only set a flag: the
+    current optimizer step finishes, every rank learns of it at the next step, and the run saves and
+    stops. A second signal during the save changes nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[str, float]:
     """Run training; returns the final eval metrics (empty without eval data)."""
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
     from transformers.integrations import HfDeepSpeedConfig
 
-    from bigsft.checkpoint import export_engine
     from bigsft.evaluate import evaluate, summed_loss
     from bigsft.model import build_model, count_parameters
 
@@ -138,6 +197,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
     is_main = launch.is_main
     out_dir = Path(cfg.output_dir)
     dp_rank = data_parallel_rank(launch.rank, bm.data_parallel_size)
+    resume = pre.resume
 
     dist.init_process_group(launch)
     tracking.quiet_libraries(is_main)
@@ -150,6 +210,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
 
     if t.max_steps:
         total_steps = t.max_steps
+    elif resume is not None:
+        total_steps = resume.trainer["total_steps"]  # the sizing pass of the original run
     else:
         # Epochs need the epoch's length in optimizer steps: a sizing pass over the first epoch (the same
         # on every rank), which also counts every unusable record before training starts.
@@ -165,6 +227,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
     ds = pre.resolved_ds(total_steps)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out_dir)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
         (out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
@@ -176,7 +239,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
     groups = param_groups(model, t.weight_decay)
     optimizer = scheduler = None
     if "optimizer" not in ds:
-        optimizer = build_optimizer(groups, cfg, offload=pre.offload_optimizer != "none")
+        optimizer = build_optimizer(groups, cfg, zero_stage=pre.zero_stage, offload=pre.offload_optimizer != "none")
     if "scheduler" not in ds:
         warmup = t.warmup_for(total_steps)
 
@@ -189,8 +252,35 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
     device = get_accelerator().current_device_name()
     zero0_fp32 = pre.zero_stage == 0 and cfg.model.dtype == "fp32"
 
+    # Resume: engine state, then counters, data position, and each rank's random generators last, so
+    # nothing consumes randomness between them and the first step.
+    stats = SplitStats()
+    stream = new_stream(stats)
+    start_step, trained_tokens, skipped_steps, run_id = 0, 0, 0, None
+    if resume is not None:
+        load_dir, tag = resume.path, DS_TAG
+        if resume.universal:  # another data-parallel world size: DeepSpeed's universal format reshards
+            tag = UNIVERSAL_TAG
+            if is_main:
+                resume.convert_to_universal()
+            dist.barrier()
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:  # DeepSpeed returns None instead of failing: never a silent fresh start
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+        data_state = json.loads((resume.path / "data.json").read_text())
+        stream.load_state_dict(data_state["stream"])
+        stats.load_state_dict(data_state["stats"])
+        start_step = resume.trainer["step"]
+        trained_tokens = resume.trainer["trained_tokens"]
+        skipped_steps = resume.trainer["skipped_steps"]
+        run_id = resume.trainer.get("tracking_run_id")
+        if resume.rank_state(launch.rank) is not None:
+            restore_rank_state(resume.rank_state(launch.rank))
+
     tracker = tracking.Tracker(out_dir, enabled=is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg),
-                               total_steps=total_steps)
+                               total_steps=total_steps, resume_step=start_step if resume else None, run_id=run_id)
+    checkpointer = Checkpointer(out_dir, t.keep_last, launch.rank)
     offload = pre.offload_optimizer
     names = source_names(d.train)
     mixture = ", ".join(f"{n} {w / sum(plan.weights):.0%}" for n, w in zip(names, plan.weights))
@@ -200,7 +290,10 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
         f"ZeRO-{pre.zero_stage}{' + optimizer offload (' + offload + ')' if offload != 'none' else ''} · "
         f"{launch.world_size} rank(s) · {pre.accelerator}\n"
         f"data: {mixture} · {bm.describe(f'rows of {d.max_length}' if d.packing else 'samples')} · "
-        f"{total_steps} steps",
+        f"{total_steps} steps"
+        + (f"\nresumed from {resume.path} at step {start_step}"
+           + (f" (converted from {resume.trainer['identity']['data_parallel_size']} data-parallel ranks)"
+              if resume.universal else "") if resume else ""),
         enabled=is_main,
     )
     for line in plan.scanned["train"].first_bad:
@@ -220,25 +313,39 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
         tracker.log({"step": step, **metrics})
         return metrics
 
+    def save(step: int) -> None:
+        trainer_state = {"step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
+                         "skipped_steps": skipped_steps, "tracking_run_id": tracker.run_id, "identity": pre.identity}
+        path = checkpointer.save(engine, step, zero_stage=pre.zero_stage, trainer=trainer_state,
+                                 data={"stream": stream.state_dict(), "stats": stats.state_dict()},
+                                 model_config=engine.module.config, tokenizer=tokenizer)
+        tracking.info(f"saved {path}", enabled=is_main)
+
     results: dict[str, dict[str, float]] = {}
-    if d.eval and t.eval_at_start:
+    if d.eval and t.eval_at_start and resume is None:
         results["before training"] = run_eval(0)
 
-    stats = SplitStats()
-    stream = new_stream(stats)
     engine.train()
-    trained_tokens = 0
     pending_loss = torch.zeros((), dtype=torch.float64)
     pending = {"targets": 0.0, "tokens": 0.0, "positions": 0.0}
-    last_eval_step = -1
+    skipped_in_a_row = 0
+    last_eval_step = last_save_step = start_step if resume else -1
     grad_norm = None
     clock = time.perf_counter()
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
+        # A rank got a stop signal during the previous step: all save it, before any data is drawn for this one.
+        if dist.all_reduce_max(int(stop.requested)):
+            if last_save_step != step:
+                save(step)
+            tracker.close()
+            raise StoppedAndSaved(f"stopped by a signal at step {step}; checkpoint saved, relaunch to resume")
         window: list[Batch] = stream.next_window()
         local = [sum(b.num_targets for b in window), sum(b.num_tokens for b in window),
                  sum(b.num_positions for b in window)]
         global_targets, global_tokens, global_positions = dist.all_reduce_sum(local)
         lr = engine.get_lr()[0]
+        window_loss = torch.zeros((), dtype=torch.float64)
+        applied = True
         if global_targets > 0:  # a window without one trained token (all masked) is skipped, never NaN
             # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
             # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
@@ -246,18 +353,33 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
             for i, micro in enumerate(window):
                 loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal)
                 engine.backward(loss_sum * scale, scale_wrt_gas=False)
-                pending_loss += loss_sum.detach().double().cpu()
+                window_loss += loss_sum.detach().double().cpu()
                 if zero0_fp32 and i == len(window) - 1:
                     grad_norm = grad_norm_of(engine.module)
                 engine.step()
             if not zero0_fp32:
                 norm = engine.get_global_grad_norm()
                 grad_norm = float(norm) if norm is not None else None
-        pending["targets"] += global_targets
+            # A non-finite loss or gradient on any rank makes every rank's reduced gradient non-finite,
+            # and DeepSpeed (or SkippingAdamW under ZeRO-0) then skips the update on every rank alike.
+            applied = engine.was_step_applied()
+        done = step + 1
+        if applied:
+            skipped_in_a_row = 0
+            pending_loss += window_loss
+            pending["targets"] += global_targets
+            trained_tokens += int(global_targets if causal else global_tokens)
+        else:
+            skipped_steps += 1
+            skipped_in_a_row += 1
+            tracking.info(f"[red]step {done} skipped[/]: non-finite loss or gradient", enabled=is_main)
+            if skipped_in_a_row >= t.max_skipped_steps:
+                tracker.close()
+                raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                               f"(train.max_skipped_steps={t.max_skipped_steps}), the last at step {done}; "
+                               "lower train.lr, check the data, or resume from an earlier checkpoint")
         pending["tokens"] += global_tokens
         pending["positions"] += global_positions
-        trained_tokens += int(global_targets if causal else global_tokens)
-        done = step + 1
 
         if done % t.log_every == 0 or done == total_steps:
             # Data counters are the same on every rank (one global stream); only the loss is summed.
@@ -265,15 +387,15 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
             message = too_many_bad("train", stats.records, stats.bad, d.max_bad_fraction, stats)
             if message:
                 raise DataError(message)
-            drawn = stream.mixed.drawn
             now = time.perf_counter()
             record = {
-                "step": done, "loss": loss_total / max(pending["targets"], 1.0), "lr": lr, "grad_norm": grad_norm,
-                "tokens": trained_tokens,
+                "step": done, "loss": loss_total / pending["targets"] if pending["targets"] else None,
+                "lr": lr, "grad_norm": grad_norm, "tokens": trained_tokens,
                 "tokens_per_s": (pending["targets"] if causal else pending["tokens"]) / max(now - clock, 1e-9),
                 "data/efficiency": pending["tokens"] / max(pending["positions"], 1.0),
-                "data/skipped": stats.bad, "data/truncated": stats.truncated,
+                "data/skipped": stats.bad, "data/truncated": stats.truncated, "skipped_steps": skipped_steps,
             }
+            drawn = stream.mixed.drawn
             if len(names) > 1:
                 record.update({f"data/mix/{n}": c / max(sum(drawn), 1) for n, c in zip(names, drawn)})
             tracker.log(record)
@@ -284,9 +406,15 @@ def train(pre: Preflight, tokenizer, plan: DataPlan) -> dict[str, float]:
             results["after training"] = run_eval(done)
             last_eval_step = done
             clock = time.perf_counter()
+        if t.save_every and done % t.save_every == 0 and done != total_steps:
+            save(done)
+            last_save_step = done
+            clock = time.perf_counter()
 
     if d.eval and last_eval_step != total_steps:
         results["after training"] = run_eval(total_steps)
+    if last_save_step != total_steps:
+        save(total_steps)
     export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer)
     tracking.info(f"saved {out_dir / 'final'}", enabled=is_main)
     if d.eval:
@@ -304,10 +432,11 @@ def run(config: str | None, overrides: list[str], local_rank: int | None = None)
     pre = preflight(cfg, dist.read_launch_env(local_rank_arg=local_rank))
     tokenizer = build_tokenizer(cfg.model)
     plan = plan_data(cfg.data, cfg.model, tokenizer)
-    try:
-        return train(pre, tokenizer, plan)
-    finally:
-        dist.destroy_process_group()
+    with StopRequest() as stop:
+        try:
+            return train(pre, tokenizer, plan, stop)
+        finally:
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +448,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"bigsft: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except StoppedAndSaved as e:
+        print(f"bigsft: {e}", file=sys.stderr)
+        return EXIT_SAVED
+    except (CheckpointError, Diverged) as e:
+        print(f"bigsft: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

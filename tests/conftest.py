@@ -39,6 +39,22 @@ def llama_dir(assets, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_dir(assets, tokenizer_dir) -> Path:
+    return tiny.build_model_dir(assets / "gpt2", tokenizer_dir, tiny.GPT2)
+
+
+@pytest.fixture(scope="session")
+def poison_dir(assets, tokenizer_dir) -> Path:
+    return tiny.build_poison_model_dir(assets / "poison", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dropout_dir(assets, tokenizer_dir) -> Path:
+    """Dropout on: resume must restore every rank's random generators to be exact."""
+    return tiny.build_model_dir(assets / "llama_dropout", tokenizer_dir, {**tiny.LLAMA, "attention_dropout": 0.1})
+
+
+@pytest.fixture(scope="session")
 def alpaca_files(assets) -> tuple[Path, Path]:
     records = tiny.alpaca_records(160, seed=1)
     return (tiny.write_jsonl(assets / "alpaca" / "train.jsonl", records[:128]),
@@ -78,9 +94,7 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
-def launch(args: list[str], *, nproc: int = 1, launcher: str = "deepspeed", timeout: int = 900,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run bigsft.train as `nproc` processes under a real launcher (or one plain process)."""
+def launch_command(args: list[str], *, nproc: int = 1, launcher: str = "deepspeed") -> list[str]:
     from bigsft.dist import free_port
 
     port = str(free_port())
@@ -91,10 +105,20 @@ def launch(args: list[str], *, nproc: int = 1, launcher: str = "deepspeed", time
                "--master_port", port, "-m", "bigsft.train", *args]
     else:
         cmd = [sys.executable, "-m", "bigsft.train", *args]
+    return cmd
+
+
+def launch_env(env: dict | None = None) -> dict:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
-    return proc
+    return full_env
+
+
+def launch(args: list[str], *, nproc: int = 1, launcher: str = "deepspeed", timeout: int = 900,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run bigsft.train as `nproc` processes under a real launcher (or one plain process)."""
+    return subprocess.run(launch_command(args, nproc=nproc, launcher=launcher), capture_output=True, text=True,
+                          timeout=timeout, env=launch_env(env), cwd=REPO)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -90,3 +90,46 @@ def build_model_dir(out_dir: Path, tokenizer_dir: Path, config: dict, *, seed: i
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+POISON_MODELING = """
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class PoisonConfig(LlamaConfig):
+    model_type = "poison_llama"
+
+    def __init__(self, poison_token_id=0, **kwargs):
+        self.poison_token_id = poison_token_id
+        super().__init__(**kwargs)
+
+
+class PoisonForCausalLM(LlamaForCausalLM):
+    \"\"\"A Llama whose logits turn NaN for any sequence holding the poison token: a real model (loaded
+    with trust_remote_code) that produces a non-finite loss on exactly the samples a test chooses.\"\"\"
+
+    config_class = PoisonConfig
+
+    def forward(self, input_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        if input_ids is not None and (input_ids == self.config.poison_token_id).any():
+            out.logits = out.logits + float("nan")
+        return out
+"""
+POISON = "\u00a7"  # a character that appears nowhere else in the test data
+
+
+def build_poison_model_dir(out_dir: Path, tokenizer_dir: Path) -> Path:
+    """A tiny Llama with remote code that makes the loss NaN wherever POISON appears."""
+    from transformers import AutoTokenizer
+
+    build_model_dir(out_dir, tokenizer_dir, LLAMA)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    (out_dir / "modeling_poison.py").write_text(POISON_MODELING)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(model_type="poison_llama", architectures=["PoisonForCausalLM"],
+                  poison_token_id=tok.convert_tokens_to_ids(POISON),
+                  auto_map={"AutoConfig": "modeling_poison.PoisonConfig",
+                            "AutoModelForCausalLM": "modeling_poison.PoisonForCausalLM"})
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir

@@ -1,0 +1,301 @@
+"""Checkpoints that survive anything: real 2-rank runs on CPU, killed, signalled, starved of disk, resumed.
+
+The model has dropout on, the data is packed and streamed: a resumed run can only log the losses of
+the uninterrupted one if every rank's random generators and the data stream's state come back exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import tiny
+from conftest import (
+    REPO,
+    causal_config,
+    check,
+    launch,
+    launch_command,
+    launch_env,
+    read_metrics,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+EXIT_FAILED, EXIT_CONFIG, EXIT_SAVED = 1, 2, 75
+
+
+@pytest.fixture(scope="module")
+def ckpt_config(tmp_path_factory, llama_dropout_dir) -> Path:
+    d = tmp_path_factory.mktemp("ckpt")
+    train = tiny.write_jsonl(d / "train.jsonl", tiny.alpaca_records(300, seed=4))
+    return causal_config(d, llama_dropout_dir, train, max_steps=STEPS, save_every=3, micro_batch_size=1,
+                         gradient_accumulation_steps=2, warmup_steps=2)
+
+
+PACKED = ["data.packing=true", "data.max_length=96"]
+
+
+def args(cfg: Path, out: Path, ds: str, *extra: str) -> list[str]:
+    return [str(cfg), f"output_dir={out}", f"deepspeed={ds}", *PACKED, *extra]
+
+
+class Running:
+    """A launch in the background, in its own session so the whole tree can be killed at once."""
+
+    def __init__(self, argv: list[str], *, nproc: int = 2):
+        self.proc = subprocess.Popen(launch_command(argv, nproc=nproc), env=launch_env(), cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+
+    def ranks(self) -> list[psutil.Process]:
+        """The training processes (not the launcher), ordered by rank."""
+        found = []
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                cmd = p.cmdline()
+            except psutil.Error:
+                continue
+            if "bigsft.train" in cmd and "deepspeed.launcher.launch" not in " ".join(cmd):
+                rank = next((int(a.split("=")[1]) for a in cmd if a.startswith("--local_rank=")), 0)
+                found.append((rank, p))
+        return [p for _, p in sorted(found, key=lambda x: x[0])]
+
+    def wait_until(self, predicate, timeout: float = 300, poll: float = 0.02) -> None:
+        deadline = time.time() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (exit {self.proc.returncode}) before the condition:\n"
+                                     + self.proc.stdout.read()[-4000:])
+            if time.time() > deadline:
+                raise AssertionError("timed out")
+            time.sleep(poll)
+
+    def kill_all(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def references(ckpt_config, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs, one per ZeRO stage."""
+    runs = {}
+    for ds in ("zero0", "zero2", "zero3"):
+        out = tmp_path_factory.mktemp(f"ref_{ds}") / "run"
+        check(launch(args(ckpt_config, out, ds), nproc=2))
+        runs[ds] = out
+    return runs
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Every step logged once, with the reference's loss and token count (fp32 on CPU: 1e-6)."""
+    got = [r for r in read_metrics(run) if "loss" in r]
+    want = [r for r in read_metrics(reference) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+
+
+@pytest.mark.parametrize(("ds", "victim", "seed"), [("zero0", "all", 1), ("zero2", "one", 2), ("zero3", "all", 3)])
+def test_sigkill_then_relaunch_continues_exactly(ds, victim, seed, ckpt_config, references, tmp_path):
+    out = tmp_path / "run"
+    kill_after = random.Random(seed).randint(4, STEPS - 1)  # after the first checkpoint (step 3)
+    run = Running(args(ckpt_config, out, ds))
+    run.wait_until(lambda: logged_steps(out) >= kill_after)
+    if victim == "all":
+        run.kill_all()
+    else:  # one rank dies; the launcher takes the others down
+        run.ranks()[1].send_signal(signal.SIGKILL)
+        code, _ = run.finish()
+        assert code != 0
+    check(launch(args(ckpt_config, out, ds), nproc=2))
+    assert_same_run(out, references[ds])
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000009", "step_00000010"]  # keep_last 2, nothing half-written left
+
+
+def test_kills_during_saves_never_leave_an_unusable_run(ckpt_config, references, tmp_path):
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    interrupted_saves = 0
+    for delay in (0.0, 0.005, 0.02, 0.05):
+        run = Running(args(ckpt_config, out, "zero2", "train.save_every=1", "train.keep_last=3"))
+        run.wait_until(lambda: root.is_dir() and any(p.name.endswith(".tmp") for p in root.iterdir())
+                       and logged_steps(out) >= 2, poll=0.001)
+        time.sleep(delay)
+        run.kill_all()
+        interrupted_saves += any(p.name.endswith(".tmp") for p in root.iterdir())
+    assert interrupted_saves >= 1  # at least one kill landed in the middle of a save
+    check(launch(args(ckpt_config, out, "zero2", "train.save_every=1", "train.keep_last=3"), nproc=2))
+    assert_same_run(out, references["zero2"])
+    assert not any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize(("sig", "target"), [(signal.SIGUSR1, "one rank"), (signal.SIGTERM, "node launcher")])
+def test_stop_signal_saves_and_exits_75_then_resumes_exactly(sig, target, ckpt_config, references, tmp_path):
+    out = tmp_path / "run"
+    run = Running(args(ckpt_config, out, "zero3"))
+    run.wait_until(lambda: logged_steps(out) >= 4)
+    if target == "one rank":  # as srun and Slurm's --signal deliver it; twice: the second must change nothing
+        victim = run.ranks()[1]
+        victim.send_signal(sig)
+        time.sleep(0.05)
+        victim.send_signal(sig)
+    else:  # deepspeed's per-node launcher (launch.py) passes SIGTERM on to its ranks
+        launcher = next(p for p in psutil.Process(run.proc.pid).children(recursive=True)
+                        if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+        launcher.send_signal(sig)
+    code, output = run.finish()
+    # The ranks exit 75; deepspeed's node launcher, itself signalled, reports 1 instead.
+    assert code == (EXIT_SAVED if target == "one rank" else 1), output[-3000:]
+    assert "checkpoint saved, relaunch to resume" in output
+    stopped_at = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
+    assert 4 <= stopped_at < STEPS and logged_steps(out) == stopped_at
+    check(launch(args(ckpt_config, out, "zero3"), nproc=2))
+    assert_same_run(out, references["zero3"])
+
+
+def test_world_size_change_two_to_one_and_back(ckpt_config, tmp_path):
+    # 2 ranks to step 6, 1 rank to step 8 (universal conversion), 2 ranks again to the end. A constant LR
+    # keeps the schedule independent of max_steps, so the reference is one uninterrupted 2-rank run.
+    constant = ["train.lr_schedule=constant", "train.warmup_steps=0"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    check(launch(args(ckpt_config, reference, "zero2", *constant), nproc=2))
+    check(launch(args(ckpt_config, out, "zero2", "train.max_steps=6", *constant), nproc=2))
+    one = check(launch(args(ckpt_config, out, "zero2", "train.max_steps=8", "train.gradient_accumulation_steps=4",
+                            *constant), launcher="plain"))
+    assert "converted from 2 data-parallel ranks" in one.stdout
+    two = check(launch(args(ckpt_config, out, "zero2", *constant), nproc=2))
+    assert "converted from 1 data-parallel ranks" in two.stdout
+    # The data stream does not depend on the world size: the same samples every step. Dropout draws differ
+    # once the ranks change, so after step 6 the losses agree closely, not exactly.
+    got = [r for r in read_metrics(out) if "loss" in r]
+    want = [r for r in read_metrics(reference) if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    assert [r["loss"] for r in got[:6]] == pytest.approx([r["loss"] for r in want[:6]], abs=1e-6)
+    assert [r["loss"] for r in got[6:]] == pytest.approx([r["loss"] for r in want[6:]], abs=2e-2)
+
+
+@pytest.mark.parametrize("ds", ["zero0", "zero2", "zero3"])
+def test_export_from_every_stage_equals_the_engines_weights(ds, references, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    proc = subprocess.run(["bigsft", "export", str(references[ds]), str(tmp_path / "hf"), "--max-shard-size", "200KB"],
+                          capture_output=True, text=True, env=launch_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1  # sharded above --max-shard-size
+    exported = {k: v for f in shards for k, v in load_file(f).items()}
+    final = load_file(references[ds] / "final" / "model.safetensors")  # written from the live engine
+    assert sorted(exported) == sorted(final)
+    assert all((exported[k] == final[k]).all() for k in final)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.use_cache is True and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_truncated_shard_is_detected_never_a_fresh_start(ckpt_config, references, tmp_path):
+    out = tmp_path / "run"
+    check(launch(args(ckpt_config, out, "zero2", "train.max_steps=6"), nproc=2))
+    newest = out / "checkpoints" / "step_00000006"
+    shard = newest / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    before = (out / "metrics.jsonl").read_text()
+    proc = launch(args(ckpt_config, out, "zero2"), nproc=2)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "is damaged: ds/zero_pp_rank_1_mp_rank_00_optim_states.pt is 1000 bytes" in text
+    assert (out / "metrics.jsonl").read_text() == before  # nothing overwritten
+
+
+def test_bad_checkpoints_exit_2_with_the_fix(ckpt_config, references, tmp_path, gpt2_dir):
+    out = tmp_path / "run"
+    check(launch(args(ckpt_config, out, "zero0", "train.max_steps=3"), launcher="plain"))
+    snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def refused(*extra: str) -> str:
+        proc = launch(args(ckpt_config, out, "zero0", *extra), launcher="plain")
+        assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        return proc.stderr
+
+    assert "does not exist; give train.resume a checkpoint directory" in refused(f"train.resume={tmp_path}/nope")
+    assert "model 'llama/" in refused(f"model.name_or_path={gpt2_dir}")
+    assert "ZeRO stage 0, this run has 2; point deepspeed= at a JSON with the checkpoint's stage" in refused(
+        "deepspeed=zero2")
+    assert "train.resume: never, but" in refused("train.resume=never")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot  # nothing touched
+    (out / "checkpoints" / "step_00000003" / "MANIFEST.json").unlink()
+    assert "is incomplete (no MANIFEST.json" in refused()
+
+
+def test_nan_on_one_rank_skips_the_same_step_everywhere(tmp_path, poison_dir):
+    # Constant LR: a run whose step 3 is skipped ends with exactly the weights of a run stopped after step 2.
+    records = tiny.alpaca_records(40, seed=6)
+    records[17]["instruction"] += " " + tiny.POISON  # step 3 holds samples 16..23 in file order
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", records)
+    base = ["model.trust_remote_code=true", "data.shuffle_buffer=1", "train.lr_schedule=constant",
+            "train.warmup_steps=0", "train.log_every=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"]
+    cfg = causal_config(tmp_path, poison_dir, train)
+    check(launch([str(cfg), f"output_dir={tmp_path / 'a'}", "train.max_steps=3", *base], nproc=2))
+    check(launch([str(cfg), f"output_dir={tmp_path / 'b'}", "train.max_steps=2", *base], nproc=2))
+    steps = [r for r in read_metrics(tmp_path / "a") if "loss" in r]
+    assert [r["skipped_steps"] for r in steps] == [0, 0, 1]
+    assert steps[2]["loss"] is None and steps[2]["tokens"] == steps[1]["tokens"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)  # parameters (and so the optimizer) untouched by step 3
+
+
+def test_diverged_run_stops_after_max_skipped_steps(tmp_path, poison_dir):
+    records = tiny.alpaca_records(40, seed=6)
+    for r in records[8:]:
+        r["output"] += " " + tiny.POISON
+    cfg = causal_config(tmp_path, poison_dir, tiny.write_jsonl(tmp_path / "train.jsonl", records))
+    proc = launch([str(cfg), "model.trust_remote_code=true", "data.shuffle_buffer=1", "train.max_steps=9",
+                   "train.max_skipped_steps=3", "train.save_every=1"], nproc=2)
+    assert proc.returncode == EXIT_FAILED
+    assert "3 optimizer steps in a row had a non-finite loss or gradient (train.max_skipped_steps=3)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_full_disk_stops_every_rank_with_the_previous_checkpoint_intact(ckpt_config, tmp_path):
+    from bigsft.checkpoint import verify
+
+    out = tmp_path / "run"
+    run = Running(args(ckpt_config, out, "zero2", "train.max_steps=400", "train.save_every=40"))
+    first = out / "checkpoints" / "step_00000040"
+    run.wait_until(lambda: first.is_dir())
+    ranks = run.ranks()
+    for p in ranks:  # from now on no file may grow past 64 KiB: the next save cannot be written
+        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    code, output = run.finish()
+    assert code == EXIT_FAILED, output[-3000:]
+    assert output.count("saving checkpoint") >= 1 and "failed" in output and "previous checkpoints are intact" in output
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in ranks)
+    assert verify(first)["step"] == 40
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000040"]  # no .tmp left
