@@ -7,6 +7,7 @@ exists. `init_process_group` then starts DeepSpeed's communication backend (gloo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -130,6 +131,21 @@ def init_process_group(launch: LaunchEnv, timeout_minutes: float = 30.0) -> None
         dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
         timeout=timedelta(minutes=timeout_minutes),
     )
+    if accel.device_name() == "cpu":
+        _unlink_shm_workspace(launch.rank)
+
+
+def _unlink_shm_workspace(rank: int) -> None:
+    """DeepSpeed's CPU backend maps a ~67 MB shared-memory workspace per rank into /dev/shm and never
+    removes it: every run would leak RAM until the machine runs out. Once every rank has mapped every
+    other's (they do so inside init_distributed), the names can go; the memory is freed when the last
+    process exits, however it exits."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    with contextlib.suppress(OSError):  # no shared-memory op built, or not on Linux
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def accelerator_name() -> str:
