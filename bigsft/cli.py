@@ -28,6 +28,17 @@ Multi-process launches use the same entry point:
 """
 
 
+def launchers_dir() -> str:
+    """launchers/ of this install: beside the package in a checkout, inside it in a wheel."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "launchers", package / "_launchers"):
+        if candidate.is_dir():
+            return str(candidate)
+    raise ConfigError("launchers/ not found beside or inside the bigsft package")
+
+
 def validate_command(argv: list[str]) -> int:
     from bigsft.config import load_config
     from bigsft.dist import read_launch_env

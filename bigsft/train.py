@@ -12,8 +12,10 @@ same command again to resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -440,6 +442,7 @@ def run(config: str | None, overrides: list[str], local_rank: int | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = EXIT_OK
     try:
         config, overrides, local_rank = split_argv(sys.argv[1:] if argv is None else argv)
         run(config, overrides, local_rank)
@@ -447,14 +450,24 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
     except (ConfigError, DataError) as e:
         print(f"bigsft: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
     except StoppedAndSaved as e:
         print(f"bigsft: {e}", file=sys.stderr)
-        return EXIT_SAVED
+        code = EXIT_SAVED
     except (CheckpointError, Diverged) as e:
         print(f"bigsft: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        code = EXIT_FAILED
+    report_exit_status(code)
+    return code
+
+
+def report_exit_status(code: int) -> None:
+    """Rank 0 writes its exit code to $BIGSFT_STATUS_FILE when set: launchers (deepspeed's runner among
+    them) do not always pass a rank's exit code on, and a batch script must tell saved from failed."""
+    path = os.environ.get("BIGSFT_STATUS_FILE")
+    if path and dist.read_launch_env().is_main:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(f"{code}\n")
 
 
 if __name__ == "__main__":
