@@ -169,6 +169,8 @@ class TrainConfig:
     the path of a checkpoint (or of a run directory) to continue from."""
     max_skipped_steps: int = 5
     """Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, for the logged MFU; known GPUs are looked up when unset."""
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps for a run of `total_steps` optimizer steps."""

@@ -127,10 +127,23 @@ def init_process_group(launch: LaunchEnv, timeout_minutes: float = 30.0) -> None
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
     else:
         accel.set_device(launch.local_rank)
-    deepspeed.init_distributed(
-        dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
-        timeout=timedelta(minutes=timeout_minutes),
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    except RuntimeError as e:  # torch's DistNetworkError / DistStoreError: the rendezvous itself failed
+        from bigsft.config import ConfigError
+
+        text = str(e).lower()
+        where = f"{launch.master_addr}:{port}"
+        if "address already in use" in text or "eaddrinuse" in text:
+            raise ConfigError(f"MASTER_PORT {port} is already in use on {launch.master_addr}: set MASTER_PORT to a "
+                              "free port (every rank the same)") from None
+        if "timed out" in text or "timeout" in text:
+            raise ConfigError(f"rank {launch.rank} could not meet the others at {where} within {timeout_minutes:g} "
+                              "min: check that rank 0 runs and MASTER_ADDR is reachable from this node") from None
+        raise
     if accel.device_name() == "cpu":
         _unlink_shm_workspace(launch.rank)
 

@@ -38,6 +38,7 @@ from bigsft.data.loader import SplitStats, too_many_bad
 from bigsft.data.pipeline import DataPlan, eval_batches, plan_data, train_stream, windows_in_first_epoch
 from bigsft.data.sources import DataError
 from bigsft.data.stream import dummy_batch, source_names
+from bigsft.ds_config import offload_device
 from bigsft.preflight import Preflight, preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAVED = 0, 1, 2, 75
@@ -153,6 +154,15 @@ def grad_norm_of(module) -> float:
 
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def model_shape(hf_config) -> tuple[int, int]:
+    """(layers, hidden size) for FLOP counts, across config naming conventions."""
+    layers = next((getattr(hf_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(getattr(hf_config, k, None), int)), 0)
+    hidden = next((getattr(hf_config, k) for k in ("hidden_size", "n_embd", "d_model")
+                   if isinstance(getattr(hf_config, k, None), int)), 0)
+    return layers, hidden
 
 
 def data_parallel_rank(rank: int, data_parallel_size: int) -> int:
@@ -285,19 +295,25 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     checkpointer = Checkpointer(out_dir, t.keep_last, launch.rank)
     offload = pre.offload_optimizer
     names = source_names(d.train)
-    mixture = ", ".join(f"{n} {w / sum(plan.weights):.0%}" for n, w in zip(names, plan.weights))
-    tracking.info(
-        f"[bold]bigsft[/] {cfg.model.name_or_path or cfg.model.config.get('model_type')} · {cfg.model.task} · "
-        f"{total_params / 1e6:.1f}M params ({trainable_params / 1e6:.1f}M trainable) · {cfg.model.dtype} · "
-        f"ZeRO-{pre.zero_stage}{' + optimizer offload (' + offload + ')' if offload != 'none' else ''} · "
-        f"{launch.world_size} rank(s) · {pre.accelerator}\n"
-        f"data: {mixture} · {bm.describe(f'rows of {d.max_length}' if d.packing else 'samples')} · "
-        f"{total_steps} steps"
-        + (f"\nresumed from {resume.path} at step {start_step}"
-           + (f" (converted from {resume.trainer['identity']['data_parallel_size']} data-parallel ranks)"
-              if resume.universal else "") if resume else ""),
-        enabled=is_main,
-    )
+    tracker.table("bigsft", [
+        ("model", f"{cfg.model.name_or_path or cfg.model.config.get('model_type')} ({cfg.model.task})"),
+        ("parameters", f"{total_params / 1e6:,.1f}M ({trainable_params / 1e6:,.1f}M trainable)"),
+        ("precision", cfg.model.dtype + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")),
+        ("strategy", f"ZeRO-{pre.zero_stage}" + (f", optimizer offload to {offload}" if offload != "none" else "")
+         + (f", parameter offload to {offload_device(ds, 'offload_param')}"
+            if offload_device(ds, "offload_param") != "none" else "")),
+        ("world", f"{launch.world_size} rank(s): {bm.data_parallel_size} data-parallel × {bm.pipeline_stages} "
+                  f"pipeline stage(s), {pre.accelerator}"),
+        ("batch", bm.describe(f"rows of {d.max_length}" if d.packing else "samples")),
+        ("data", ", ".join(f"{n} {w / sum(plan.weights):.0%}" for n, w in zip(names, plan.weights))
+         + (", packed" if d.packing else "")),
+        ("steps", f"{total_steps}" + (f", resumed at {start_step} from {resume.path}" + (
+            f" (converted from {resume.trainer['identity']['data_parallel_size']} data-parallel ranks)"
+            if resume.universal else "") if resume else "")),
+        ("output", str(out_dir)),
+    ])
+    layers, hidden = model_shape(pre.hf_config)
+    peak = tracking.peak_tflops(t.peak_tflops, cfg.model.dtype)
     for line in plan.scanned["train"].first_bad:
         tracking.info(f"[yellow]skipped[/] {line}", enabled=is_main)
 
@@ -329,7 +345,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
 
     engine.train()
     pending_loss = torch.zeros((), dtype=torch.float64)
-    pending = {"targets": 0.0, "tokens": 0.0, "positions": 0.0}
+    pending = {"targets": 0.0, "tokens": 0.0, "positions": 0.0, "samples": 0.0, "flops": 0.0}
     skipped_in_a_row = 0
     last_eval_step = last_save_step = start_step if resume else -1
     grad_norm = None
@@ -343,8 +359,9 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             raise StoppedAndSaved(f"stopped by a signal at step {step}; checkpoint saved, relaunch to resume")
         window: list[Batch] = stream.next_window()
         local = [sum(b.num_targets for b in window), sum(b.num_tokens for b in window),
-                 sum(b.num_positions for b in window)]
-        global_targets, global_tokens, global_positions = dist.all_reduce_sum(local)
+                 sum(b.num_positions for b in window), sum(b.num_samples for b in window),
+                 sum(b.attention_pairs for b in window)]
+        global_targets, global_tokens, global_positions, global_samples, global_pairs = dist.all_reduce_sum(local)
         lr = engine.get_lr()[0]
         window_loss = torch.zeros((), dtype=torch.float64)
         applied = True
@@ -382,6 +399,9 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
                                "lower train.lr, check the data, or resume from an earlier checkpoint")
         pending["tokens"] += global_tokens
         pending["positions"] += global_positions
+        pending["samples"] += global_samples
+        pending["flops"] += tracking.model_flops(params=total_params, layers=layers, hidden=hidden,
+                                                 tokens=global_tokens, attention_pairs=global_pairs)
 
         if done % t.log_every == 0 or done == total_steps:
             # Data counters are the same on every rank (one global stream); only the loss is summed.
@@ -389,13 +409,17 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             message = too_many_bad("train", stats.records, stats.bad, d.max_bad_fraction, stats)
             if message:
                 raise DataError(message)
-            now = time.perf_counter()
+            elapsed = max(time.perf_counter() - clock, 1e-9)
+            tflops = pending["flops"] / elapsed / launch.world_size / 1e12
             record = {
                 "step": done, "loss": loss_total / pending["targets"] if pending["targets"] else None,
                 "lr": lr, "grad_norm": grad_norm, "tokens": trained_tokens,
-                "tokens_per_s": (pending["targets"] if causal else pending["tokens"]) / max(now - clock, 1e-9),
+                "tokens_per_s": (pending["targets"] if causal else pending["tokens"]) / elapsed,
+                "samples_per_s": pending["samples"] / elapsed, "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
                 "data/efficiency": pending["tokens"] / max(pending["positions"], 1.0),
                 "data/skipped": stats.bad, "data/truncated": stats.truncated, "skipped_steps": skipped_steps,
+                **tracking.memory_gb(),
             }
             drawn = stream.mixed.drawn
             if len(names) > 1:
@@ -418,9 +442,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     if last_save_step != total_steps:
         save(total_steps)
     export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer)
-    tracking.info(f"saved {out_dir / 'final'}", enabled=is_main)
-    if d.eval:
-        tracker.summary("evaluation", results)
+    tracker.summary("evaluation", results, {"final": str(out_dir / "final"), "steps": str(total_steps),
+                                            "trained tokens": f"{trained_tokens:,}"})
     tracker.close()
     del hf_ds_config
     return results.get("after training", {})
@@ -449,15 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageRequested:
         print(USAGE)
     except (ConfigError, DataError) as e:
-        print(f"bigsft: error: {e}", file=sys.stderr)
-        code = EXIT_CONFIG
+        code = _report(f"error: {e}", EXIT_CONFIG)
     except StoppedAndSaved as e:
-        print(f"bigsft: {e}", file=sys.stderr)
-        code = EXIT_SAVED
+        code = _report(str(e), EXIT_SAVED)
     except (CheckpointError, Diverged) as e:
-        print(f"bigsft: error: {e}", file=sys.stderr)
-        code = EXIT_FAILED
+        code = _report(f"error: {e}", EXIT_FAILED)
     report_exit_status(code)
+    return code
+
+
+def _report(message: str, code: int) -> int:
+    launch = dist.read_launch_env()
+    tracking.error(message, rank=launch.rank, world_size=launch.world_size)
     return code
 
 

@@ -26,10 +26,12 @@ class Batch:
     """Non-pad input tokens."""
     num_samples: int = 0
     """Samples in the batch (several per row when packed)."""
+    attention_pairs: int = 0
+    """Sum over samples of length squared: what causal attention costs, for FLOP counts."""
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device),
-                     self.num_targets, self.num_tokens, self.num_samples)
+                     self.num_targets, self.num_tokens, self.num_samples, self.attention_pairs)
 
     @property
     def num_positions(self) -> int:
@@ -63,7 +65,8 @@ def collate(samples: list[Sample], *, pad_id: int, pad_to_multiple_of: int | Non
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
     num_targets = int((targets != IGNORE).sum()) if per_token else n
-    return Batch(inputs, targets, num_targets, int(attention_mask.sum()), n)
+    return Batch(inputs, targets, num_targets, int(attention_mask.sum()), n,
+                 sum(len(s.input_ids) ** 2 for s in samples))
 
 
 def collate_packed(rows: list[list[Sample]], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:
@@ -83,7 +86,8 @@ def collate_packed(rows: list[list[Sample]], *, pad_id: int, pad_to_multiple_of:
             at += n
         position_ids[i, at:] = torch.arange(longest - at)  # padding is its own segment, never attended to
     return Batch({"input_ids": input_ids, "position_ids": position_ids}, targets,
-                 int((targets != IGNORE).sum()), sum(lengths), sum(len(row) for row in rows))
+                 int((targets != IGNORE).sum()), sum(lengths), sum(len(row) for row in rows),
+                 sum(len(s.input_ids) ** 2 for row in rows for s in row))
 
 
 class Packer:

@@ -71,13 +71,17 @@ def job_log(workdir: Path, job_id: str) -> str:
 
 
 def test_sbatch_trains_across_two_nodes_like_two_local_ranks(cluster, slurm_config, reference, tmp_path):
+    from test_tracking import SENTINELS, assert_no_secret_under
+
     out = tmp_path / "run"
-    job = submit(cluster, tmp_path, str(slurm_config), f"output_dir={out}", *ARGS)
+    job = submit(cluster, tmp_path, str(slurm_config), f"output_dir={out}", *ARGS, "wandb.mode=offline",
+                 env=SENTINELS)
     info = cluster.wait_job(job)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert info["NodeList"] == "n[1-2]" and "rendezvous 127.0.0.1:" in log and "sft.sbatch: finished" in log
     assert train_losses(out) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert_no_secret_under(tmp_path)  # the Slurm log, the run directory, its W&B run and checkpoints
 
 
 def test_preempted_job_saves_requeues_and_finishes_with_the_same_losses(cluster, slurm_config, reference, tmp_path):
