@@ -196,6 +196,10 @@ def find_resume_point(output_dir: str, resume: str, identity: dict) -> ResumePoi
     trainer = verify(path)
     problems, world_changed = identity_problems(trainer["identity"], identity, path)
     check_safe_to_unpickle(path / DS_TAG)
+    if world_changed and identity.get("pipeline_stages", 1) > 1:
+        problems.append(f"checkpoint {path} was written by {trainer['identity']['data_parallel_size']} data-parallel "
+                        f"pipeline replicas, this run has {identity['data_parallel_size']}: resume a pipeline run on "
+                        "the same world size")
     if problems:
         raise ConfigError(problems)
     return ResumePoint(path, trainer, universal=world_changed and identity["zero_stage"] > 0)
@@ -422,9 +426,14 @@ def export_checkpoint(checkpoint_or_run: str | Path, out_dir: str | Path, *, max
         path = steps[-1]
     trainer = verify(path)
     identity = trainer["identity"]
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[identity["dtype"]])
+    if identity.get("pipeline_stages", 1) > 1:  # per-layer files, renamed back to the HF names
+        from bigsft.pipeline import export_checkpoint as export_pipeline_checkpoint
+
+        check_safe_to_unpickle(path / DS_TAG)
+        return export_pipeline_checkpoint(path / DS_TAG, path / "hf", Path(out_dir), dtype)
     config = AutoConfig.from_pretrained(path / "hf")
     state_dict = checkpoint_state_dict(path, identity["zero_stage"])
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[identity["dtype"]])
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     with torch.device("meta"):  # a skeleton for save_pretrained; the weights come from the checkpoint
         module = auto_class(identity["task"]).from_config(config)

@@ -180,7 +180,12 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
     stages: int = 1
-    """Pipeline stages; 1 means no pipeline parallelism."""
+    """Pipeline stages; 1 means no pipeline parallelism. The world size must be a multiple of it."""
+    partition: str = "parameters"
+    """How layers are split between stages: `parameters` (balance parameter counts), `uniform` (balance
+    layer counts), or `type:<LayerClass>` (balance layers of that class, e.g. type:DecoderLayerPipe)."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations every this many layers in backward (0: keep them)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -602,8 +607,9 @@ def validate(cfg: RunConfig) -> list[str]:
 
     if cfg.pipeline.stages < 1:
         errors.append(f"pipeline.stages: {cfg.pipeline.stages}; must be >= 1")
-    elif cfg.pipeline.stages > 1:
-        errors.append("pipeline.stages > 1: pipeline parallelism is not available yet; set pipeline.stages=1")
+    if cfg.pipeline.activation_checkpoint_interval < 0:
+        errors.append(f"pipeline.activation_checkpoint_interval: {cfg.pipeline.activation_checkpoint_interval}; "
+                      "must be >= 0")
     if not cfg.output_dir:
         errors.append("output_dir: required")
     return errors

@@ -137,6 +137,20 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
     try:
         hf_config = load_hf_config(cfg.model)
         errors += task_problems(hf_config, cfg.model.task, cfg.model.trust_remote_code)
+        if cfg.pipeline.stages > 1:
+            from bigsft.model import resolve_model_path
+            from bigsft.pipeline import pipeline_problems
+
+            model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
+            if model_dir is not None and not os.path.isdir(model_dir):
+                errors.append(f"pipeline.stages > 1 loads a local model directory stage by stage; {model_dir!r} is "
+                              "not one (download it first)")
+                model_dir = None
+            errors += pipeline_problems(
+                hf_config, stages=cfg.pipeline.stages, task=cfg.model.task, from_config=cfg.model.config is not None,
+                model_dir=model_dir, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                partition=cfg.pipeline.partition,
+            )
     except ConfigError as e:
         errors += e.problems
 

@@ -109,8 +109,11 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offload: bool):
-    """AdamW; DeepSpeed's CPU Adam when the optimizer state lives on the host (ZeRO-Offload)."""
+def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offload: bool, pipeline_dp: int = 0):
+    """AdamW; DeepSpeed's CPU Adam when the optimizer state lives on the host (ZeRO-Offload).
+
+    `pipeline_dp`: under pipeline parallelism with ZeRO-0, the data-parallel size; this optimizer then
+    clips by the norm over all stages itself (DeepSpeed's ZeRO-0 clipping sees one stage only)."""
     t = cfg.train
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -126,10 +129,23 @@ def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offl
         optimizers do this themselves; under ZeRO-0 the engine reads `overflow` to count the skip."""
 
         overflow = False
+        _global_grad_norm = None
 
         def step(self, closure=None):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
+            if pipeline_dp:
+                # Stages hold different layers: sum their squares (tied copies once) over the world.
+                params = [p for g in self.param_groups for p in g["params"]
+                          if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+                local = sum(float(p.grad.detach().float().pow(2).sum()) for p in params)
+                (total,) = dist.all_reduce_sum([local])
+                self._global_grad_norm = math.sqrt(total / pipeline_dp)
+                self.overflow = not math.isfinite(self._global_grad_norm)
+                if not self.overflow and t.max_grad_norm and self._global_grad_norm > t.max_grad_norm:
+                    for grad in grads:
+                        grad.mul_(t.max_grad_norm / (self._global_grad_norm + 1e-6))
+            else:
+                self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
             return None if self.overflow else super().step(closure)
 
     return SkippingAdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
@@ -154,6 +170,26 @@ def grad_norm_of(module) -> float:
 
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def pipeline_evaluate(engine, loss, batches, dummy, bm) -> dict[str, float]:
+    """Token-weighted eval loss through the pipeline; replicas run as many windows as the longest."""
+    from bigsft import pipeline
+
+    windows = -(-len(batches) // bm.gradient_accumulation_steps)
+    most = dist.all_reduce_max(windows)
+    padded = batches + [dummy] * ((most - windows) * bm.gradient_accumulation_steps)
+    local_sum = pipeline.eval_sum(engine, loss, padded, dummy)
+    count = sum(b.num_targets for b in batches)
+    # Every stage holds its replica's sum: the world sum counts each replica once per stage.
+    total, tokens = dist.all_reduce_sum([local_sum / bm.pipeline_stages, count / bm.pipeline_stages])
+    value = total / max(tokens, 1.0)
+    return {"eval/loss": value, "eval/perplexity": math.exp(min(value, 50.0)), "eval/tokens": round(tokens)}
 
 
 def model_shape(hf_config) -> tuple[int, int]:
@@ -245,13 +281,35 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
 
     # Under ZeRO-3 transformers sees this object and builds the model already partitioned.
     hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
-    model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label)
+    pipe = bm.pipeline_stages > 1
+    if pipe:  # this rank builds and loads only its own stage's layers
+        from bigsft import pipeline
+        from bigsft.model import DTYPE_NAMES, resolve_model_path
+
+        if len(tokenizer) > pre.hf_config.vocab_size:
+            raise ConfigError("model.tokenizer: it needed a new <pad> token the checkpoint's embedding lacks; under "
+                              "pipeline parallelism give the tokenizer a pad, eos or unk token")
+        model, pipe_loss, _ = pipeline.build_pipeline(
+            pre.hf_config, resolve_model_path(cfg.model.name_or_path), stages=bm.pipeline_stages,
+            partition=cfg.pipeline.partition, activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
+            attn_implementation=cfg.model.attn_implementation, dtype=getattr(torch, DTYPE_NAMES[cfg.model.dtype]))
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+
+        setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
+    else:
+        model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label)
     total_params, trainable_params = count_parameters(model)
+    if pipe:  # each stage counted its own layers
+        total_params, trainable_params = (int(x / bm.data_parallel_size)
+                                          for x in dist.all_reduce_sum([total_params, trainable_params]))
 
     groups = param_groups(model, t.weight_decay)
     optimizer = scheduler = None
+    if pipe and pre.zero_stage == 0:
+        ds["gradient_clipping"] = 0.0  # SkippingAdamW clips by the norm over all stages instead
     if "optimizer" not in ds:
-        optimizer = build_optimizer(groups, cfg, zero_stage=pre.zero_stage, offload=pre.offload_optimizer != "none")
+        optimizer = build_optimizer(groups, cfg, zero_stage=pre.zero_stage, offload=pre.offload_optimizer != "none",
+                                    pipeline_dp=bm.data_parallel_size if pipe else 0)
     if "scheduler" not in ds:
         warmup = t.warmup_for(total_steps)
 
@@ -307,11 +365,14 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         ("batch", bm.describe(f"rows of {d.max_length}" if d.packing else "samples")),
         ("data", ", ".join(f"{n} {w / sum(plan.weights):.0%}" for n, w in zip(names, plan.weights))
          + (", packed" if d.packing else "")),
-        ("steps", f"{total_steps}" + (f", resumed at {start_step} from {resume.path}" + (
-            f" (converted from {resume.trainer['identity']['data_parallel_size']} data-parallel ranks)"
-            if resume.universal else "") if resume else "")),
+        ("steps", f"{total_steps}" + (f", resuming at {start_step}" if resume else "")),
         ("output", str(out_dir)),
     ])
+    if resume:
+        converted = resume.trainer["identity"]["data_parallel_size"]
+        tracking.info(f"resumed from {resume.path} at step {start_step}"
+                      + (f" (converted from {converted} data-parallel ranks)" if resume.universal else ""),
+                      enabled=is_main)
     layers, hidden = model_shape(pre.hf_config)
     peak = tracking.peak_tflops(t.peak_tflops, cfg.model.dtype)
     for line in plan.scanned["train"].first_bad:
@@ -326,7 +387,10 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         engine.eval()
         batches = eval_batches(d, plan, eval_stats, dp_rank=dp_rank, dp_size=bm.data_parallel_size,
                                micro_batch_size=eval_micro, pad_id=tokenizer.pad_token_id)
-        metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy)
+        if pipe:
+            metrics = pipeline_evaluate(engine, pipe_loss, list(batches), dummy, bm)
+        else:
+            metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy)
         engine.train()
         tracker.log({"step": step, **metrics})
         return metrics
@@ -361,11 +425,22 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         local = [sum(b.num_targets for b in window), sum(b.num_tokens for b in window),
                  sum(b.num_positions for b in window), sum(b.num_samples for b in window),
                  sum(b.attention_pairs for b in window)]
-        global_targets, global_tokens, global_positions, global_samples, global_pairs = dist.all_reduce_sum(local)
+        # Every pipeline stage of a replica holds the same window: count it once.
+        global_targets, global_tokens, global_positions, global_samples, global_pairs = (
+            x / bm.pipeline_stages for x in dist.all_reduce_sum(local))
         lr = engine.get_lr()[0]
         window_loss = torch.zeros((), dtype=torch.float64)
         applied = True
-        if global_targets > 0:  # a window without one trained token (all masked) is skipped, never NaN
+        if global_targets > 0 and pipe:
+            # The last stage's loss is sum-of-losses × dp × micro-batches / trained tokens of the global batch:
+            # DeepSpeed divides by both, leaving the token-weighted loss. Every rank gets that loss back; the
+            # log's all-reduce adds one copy per rank, hence the division by the world size.
+            step_loss = pipeline.train_step(engine, pipe_loss, window, scale=bm.data_parallel_size
+                                            * bm.gradient_accumulation_steps / global_targets)
+            window_loss += step_loss * global_targets / launch.world_size
+            grad_norm = _norm(engine)
+            applied = engine.was_step_applied()
+        elif global_targets > 0:  # a window without one trained token (all masked) is skipped, never NaN
             # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
             # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
             scale = bm.data_parallel_size / global_targets
@@ -377,8 +452,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
                     grad_norm = grad_norm_of(engine.module)
                 engine.step()
             if not zero0_fp32:
-                norm = engine.get_global_grad_norm()
-                grad_norm = float(norm) if norm is not None else None
+                grad_norm = _norm(engine)
             # A non-finite loss or gradient on any rank makes every rank's reduced gradient non-finite,
             # and DeepSpeed (or SkippingAdamW under ZeRO-0) then skips the update on every rank alike.
             applied = engine.was_step_applied()
@@ -441,7 +515,10 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         results["after training"] = run_eval(total_steps)
     if last_save_step != total_steps:
         save(total_steps)
-    export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer)
+    if pipe:
+        pipeline.export_engine(engine, pre.hf_config, out_dir / "final", tokenizer=tokenizer)
+    else:
+        export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer)
     tracker.summary("evaluation", results, {"final": str(out_dir / "final"), "steps": str(total_steps),
                                             "trained tokens": f"{trained_tokens:,}"})
     tracker.close()

@@ -18,3 +18,10 @@ def test_data_throughput_bench_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "tokenizer alone" in out and "bigsft pipeline, packed" in out and "peak memory streaming" in out
+
+
+def test_pipeline_bubble_bench_runs():
+    proc = subprocess.run([sys.executable, "bench/pipeline_bubble.py", "--micro-batches", "2", "--steps", "4",
+                           "--layers", "2", "--hidden", "64"], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "(P-1)/(m+P-1)" in proc.stdout and "33.3%" in proc.stdout  # m=2, P=2: 1/3

@@ -17,7 +17,7 @@ import tiny
 from conftest import REPO, causal_config, check, launch, launch_env, read_metrics, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-STEPS = 12
+STEPS = 40  # long enough that a signal sent at step 2 lands mid-run however loaded the machine
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_same_losses(cluster,
     out = tmp_path / "run"
     job = submit(cluster, tmp_path, str(slurm_config), f"output_dir={out}", *ARGS)
     deadline = time.time() + 300
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
         assert time.time() < deadline, job_log(tmp_path, job)[-3000:]
         time.sleep(0.2)
     # What the time limit's --signal=B:USR1 does: signal the batch shell only.

@@ -1,0 +1,26 @@
+"""Run under `deepspeed --num_gpus 2`: build a 2-stage pipeline as bigsft does and print, per rank,
+which checkpoint tensors it read (one JSON line per rank)."""
+
+import json
+import sys
+
+import torch
+
+from bigsft.dist import init_process_group, read_launch_env
+from bigsft.pipeline import build_pipeline
+
+
+def main() -> None:
+    model_dir = next(a for a in sys.argv[1:] if not a.startswith("--"))
+    launch = read_launch_env()
+    init_process_group(launch)
+    from transformers import AutoConfig
+
+    module, _, source = build_pipeline(AutoConfig.from_pretrained(model_dir), model_dir, stages=2, partition="uniform",
+                                       activation_checkpoint_interval=0, attn_implementation=None, dtype=torch.float32)
+    print(json.dumps({"rank": launch.rank, "read": sorted(source.read),
+                      "params": sum(p.numel() for p in module.parameters())}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Pipeline parallelism on 2 CPU ranks: P=2 against the unpipelined model, stage-wise loading, export,
+packing, resume, ZeRO-0/1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from conftest import REPO, causal_config, check, launch, read_metrics, train_losses
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def pipe_config(tmp_path_factory, llama_dir) -> Path:
+    d = tmp_path_factory.mktemp("pipe")
+    train = tiny.write_jsonl(d / "train.jsonl", tiny.alpaca_records(200, seed=11))
+    evaluation = tiny.write_jsonl(d / "eval.jsonl", tiny.alpaca_records(23, seed=12))
+    return causal_config(d, llama_dir, train, evaluation, max_steps=STEPS, gradient_accumulation_steps=4,
+                         micro_batch_size=2, save_every=3)
+
+
+def eval_losses(run: Path) -> list[float]:
+    return [r["eval/loss"] for r in read_metrics(run) if "eval/loss" in r]
+
+
+def pipelined(cfg: Path, out: Path, model: Path, *extra: str) -> Path:
+    check(launch([str(cfg), f"output_dir={out}", f"model.name_or_path={model}", "pipeline.stages=2",
+                  "deepspeed=pipeline", *extra], nproc=2))
+    return out
+
+
+def single(cfg: Path, out: Path, model: Path, *extra: str) -> Path:
+    check(launch([str(cfg), f"output_dir={out}", f"model.name_or_path={model}", *extra], launcher="plain"))
+    return out
+
+
+@pytest.mark.parametrize(("arch", "extra"), [
+    ("llama", ()),                                                      # untied, ZeRO-1 (ds_configs/pipeline.json)
+    ("gpt2", ()),                                                       # tied embeddings: TiedLayerSpec
+    ("llama", ("deepspeed=zero0", "pipeline.partition=type:DecoderLayerPipe",
+               "pipeline.activation_checkpoint_interval=1")),
+])
+def test_two_stages_match_the_unpipelined_model(arch, extra, pipe_config, llama_dir, gpt2_dir, tmp_path):
+    model = {"llama": llama_dir, "gpt2": gpt2_dir}[arch]
+    reference = single(pipe_config, tmp_path / "p1", model)
+    run = pipelined(pipe_config, tmp_path / "p2", model, *extra)
+    assert len(train_losses(run)) == STEPS
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-5)
+    assert eval_losses(run) == pytest.approx(eval_losses(reference), abs=1e-5)
+    norms = [[r["grad_norm"] for r in read_metrics(x) if "loss" in r] for x in (run, reference)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+
+
+def test_packed_rows_through_the_pipeline(pipe_config, llama_dir, tmp_path):
+    packed = ("data.packing=true", "data.max_length=128", "train.micro_batch_size=1")
+    reference = single(pipe_config, tmp_path / "p1", llama_dir, *packed)
+    run = pipelined(pipe_config, tmp_path / "p2", llama_dir, *packed)
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-5)
+    assert eval_losses(run) == pytest.approx(eval_losses(reference), abs=1e-5)
+
+
+def test_export_resume_and_reload(pipe_config, gpt2_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = pipelined(pipe_config, tmp_path / "p2", gpt2_dir)
+    final = AutoModelForCausalLM.from_pretrained(run / "final")  # original names, tied head restored
+    assert (run / "final" / "model.safetensors.index.json").is_file()
+    proc = subprocess.run(["bigsft", "export", str(run / "checkpoints" / f"step_{STEPS:08d}"), str(tmp_path / "hf")],
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in final.state_dict().items())
+    from test_training import reload_eval_loss
+
+    assert reload_eval_loss(pipe_config, run / "final") == pytest.approx(eval_losses(run)[-1], abs=1e-5)
+    resumed = pipelined(pipe_config, tmp_path / "resumed", gpt2_dir, f"train.resume={run}/checkpoints/step_00000003")
+    assert train_losses(resumed) == pytest.approx(train_losses(run)[3:], abs=1e-6)
+
+
+def test_each_stage_reads_only_its_own_tensors(tmp_path, tokenizer_dir):
+    model_dir = tiny.build_model_dir(tmp_path / "sharded", tokenizer_dir, {**tiny.LLAMA, "num_hidden_layers": 4})
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(model_dir, max_shard_size="60KB")
+    from bigsft.dist import free_port
+
+    proc = check(subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+         str(Path(__file__).with_name("pipeline_stage_reads.py")), str(model_dir)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}))
+    reports = {r["rank"]: r for r in (json.loads(line.split("] ", 1)[-1]) for line in proc.stdout.splitlines()
+                                      if '"read"' in line)}
+    first, last = set(reports[0]["read"]), set(reports[1]["read"])
+    assert not first & last
+    assert "model.embed_tokens.weight" in first and not any(k.startswith("model.layers.3.") for k in first)
+    assert "lm_head.weight" in last and "model.norm.weight" in last and "model.embed_tokens.weight" not in last
+    everything = set(json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"])
+    assert first | last == everything  # together they read the checkpoint exactly once
+
+
+def test_pipeline_with_zero2_is_refused_before_launch(pipe_config, llama_dir, tmp_path):
+    proc = launch([str(pipe_config), f"output_dir={tmp_path / 'run'}", f"model.name_or_path={llama_dir}",
+                   "pipeline.stages=2", "deepspeed=zero2"], nproc=2)
+    assert proc.returncode == 2
+    assert "pipeline parallelism works with ZeRO stage 0 or 1 only (a DeepSpeed limitation)" in proc.stderr
+    assert not (tmp_path / "run").exists()
