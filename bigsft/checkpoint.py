@@ -278,7 +278,8 @@ class Checkpointer:
         return Path(self.output_dir) / CHECKPOINTS
 
     def save(self, engine, step: int, *, zero_stage: int, trainer: dict, data: dict, model_config=None,
-             tokenizer=None) -> Path:
+             tokenizer=None, trainable_only: bool = False) -> Path:
+        """`trainable_only`: leave out frozen weights (LoRA: the base model, which the run reloads)."""
         """Collective: write a complete checkpoint or none at all; raises CheckpointError on every rank."""
         if not weights_are_finite(engine, zero_stage):
             raise CheckpointError(f"not saving step {step}: the weights are not finite (the run diverged)")
@@ -295,7 +296,7 @@ class Checkpointer:
         if dist.all_reduce_max(int(bool(failure))):
             raise CheckpointError(f"cannot save checkpoint {final}: {failure or 'directory not writable'}")
         try:
-            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=trainable_only)
         except (OSError, RuntimeError) as e:
             failure = f"{e.strerror or e}" if isinstance(e, OSError) else str(e).splitlines()[0]
             dist.barrier()  # the barrier DeepSpeed's save ends with, which this rank did not reach
@@ -391,14 +392,55 @@ def save_hf_model(module, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
     return out
 
 
-def export_engine(engine, zero_stage: int, out_dir: str | Path, *, tokenizer=None) -> None:
-    """Consolidate and write on rank 0; every rank returns once the directory is complete."""
+def export_engine(engine, zero_stage: int, out_dir: str | Path, *, tokenizer=None, lora=None) -> None:
+    """Consolidate and write on rank 0; every rank returns once the directory is complete.
+
+    With LoRA (`lora`: the run's LoraConfig) the directory holds the merged model or only the adapter."""
     if not weights_are_finite(engine, zero_stage):
         raise CheckpointError(f"not exporting {out_dir}: the weights are not finite (the run diverged)")
     state_dict = consolidated_state_dict(engine, zero_stage)
-    if state_dict is not None:
+    if state_dict is not None and lora is None:
         save_hf_model(engine.module, state_dict, out_dir, tokenizer=tokenizer)
+    elif state_dict is not None:
+        save_lora(engine.module, state_dict, out_dir, merge=lora.merge_on_export, tokenizer=tokenizer)
     dist.barrier()
+
+
+def save_lora(peft_model, state_dict: dict[str, torch.Tensor], out_dir: str | Path, *, merge: bool,
+              tokenizer=None) -> Path:
+    """A LoRA run's weights as a merged HF model or as a peft adapter directory, built on CPU.
+
+    The live module may be partitioned (ZeRO-3): the same peft structure is rebuilt on the meta device
+    and given the consolidated tensors, so nothing needs the accelerator."""
+    import copy
+
+    import peft
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from bigsft.model import auto_class
+
+    unset_hf_deepspeed_config()  # the rebuild below must not be partitioned again
+    base_config = copy.deepcopy(peft_model.get_base_model().config)
+    task = "sequence_classification" if peft_model.peft_config["default"].task_type == "SEQ_CLS" else "causal_lm"
+    with torch.device("meta"):
+        rebuilt = peft.get_peft_model(auto_class(task).from_config(base_config),
+                                      copy.deepcopy(peft_model.peft_config["default"]))
+    rebuilt.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k, v in rebuilt.state_dict().items() if v.is_meta]
+    if missing:
+        raise CheckpointError(f"LoRA export: {len(missing)} tensors missing from the consolidated weights, e.g. {missing[0]}")
+    if merge:
+        merged = rebuilt.merge_and_unload()
+        return save_hf_model(merged, merged.state_dict(), out_dir, tokenizer=tokenizer)
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rebuilt.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def checkpoint_state_dict(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -432,6 +474,8 @@ def export_checkpoint(checkpoint_or_run: str | Path, out_dir: str | Path, *, max
 
         check_safe_to_unpickle(path / DS_TAG)
         return export_pipeline_checkpoint(path / DS_TAG, path / "hf", Path(out_dir), dtype)
+    if "lora" in trainer:  # the checkpoint holds the adapter: rebuild around the base it was trained on
+        return export_lora_checkpoint(path, trainer["lora"], identity, out_dir, dtype, max_shard_size)
     config = AutoConfig.from_pretrained(path / "hf")
     state_dict = checkpoint_state_dict(path, identity["zero_stage"])
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -439,3 +483,33 @@ def export_checkpoint(checkpoint_or_run: str | Path, out_dir: str | Path, *, max
         module = auto_class(identity["task"]).from_config(config)
     tokenizer = AutoTokenizer.from_pretrained(path / "hf") if (path / "hf" / "tokenizer_config.json").exists() else None
     return save_hf_model(module, state_dict, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
+
+
+def export_lora_checkpoint(path: Path, lora: dict, identity: dict, out_dir, dtype, max_shard_size: str) -> Path:
+    import peft
+    from transformers import AutoTokenizer
+
+    from bigsft.config import LoraConfig
+    from bigsft.model import auto_class, peft_config
+
+    base_dir = lora["base_model"]
+    if not Path(base_dir).is_dir():
+        raise ConfigError(f"{path}: a LoRA checkpoint needs its base model, {base_dir}, which is not there any more")
+    adapter = checkpoint_state_dict(path, identity["zero_stage"])
+    settings = LoraConfig(**{k: v for k, v in lora.items() if k != "base_model"})
+    base = auto_class(identity["task"]).from_pretrained(base_dir, dtype=dtype, config=str(path / "hf"))
+    model = peft.get_peft_model(base, peft_config(settings, identity["task"]))
+    result = model.load_state_dict({k: v.to(dtype) for k, v in adapter.items()}, strict=False)
+    if result.unexpected_keys or not adapter:
+        raise CheckpointError(f"{path}: the adapter does not fit its base model ({len(result.unexpected_keys)} "
+                              "unexpected tensors)")
+    tokenizer = AutoTokenizer.from_pretrained(path / "hf") if (path / "hf" / "tokenizer_config.json").exists() else None
+    if settings.merge_on_export:
+        merged = model.merge_and_unload()
+        return save_hf_model(merged, merged.state_dict(), out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

@@ -65,6 +65,20 @@ class DataSource:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    r: int = 8
+    """Rank of the low-rank update."""
+    alpha: float = 16.0
+    """Scale: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]), or `all-linear`."""
+    merge_on_export: bool = True
+    """final/ holds the merged model (true) or only the adapter (false)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name_or_path: str | None = None
     """Local directory, hub id, or `pkg:<python package>` for a model directory shipped inside a
@@ -90,6 +104,8 @@ class ModelConfig:
     """`sdpa`, `eager` or `flash_attention_2`; transformers' default when unset."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `name_or_path`."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters (through peft) instead of all weights; only they are optimized and checkpointed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -547,6 +563,13 @@ def validate(cfg: RunConfig) -> list[str]:
     elif m.num_labels is not None or m.labels:
         errors.append("model.num_labels / model.labels: only for task sequence_classification")
 
+    if m.lora is not None:
+        if m.lora.r < 1:
+            errors.append(f"model.lora.r: {m.lora.r}; must be >= 1")
+        if not 0 <= m.lora.dropout < 1:
+            errors.append(f"model.lora.dropout: {m.lora.dropout}; must be in [0, 1)")
+        if cfg.pipeline.stages > 1:
+            errors.append("model.lora: LoRA with pipeline parallelism is not supported; use ZeRO (any stage) instead")
     if not d.train:
         errors.append("data.train: at least one source is required, e.g. [{path: train.jsonl, format: alpaca}]")
     for split in ("train", "eval"):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bigsft.config import ConfigError, ModelConfig
+from bigsft.config import ConfigError, LoraConfig, ModelConfig
 
 TASKS = ("causal_lm", "sequence_classification")
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -134,11 +134,31 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
         model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, cfg.task)
     # Lets DeepSpeed convert this run's checkpoints to its universal format (to resume on another world size).
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
 
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
     return model
+
+
+def peft_config(lora: LoraConfig, task: str):
+    import peft
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return peft.LoraConfig(task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS", r=lora.r,
+                           lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+
+
+def apply_lora(model, lora: LoraConfig, task: str):
+    """Low-rank adapters on the target modules; everything else frozen (a classifier's head trains too)."""
+    import peft
+
+    try:
+        return peft.get_peft_model(model, peft_config(lora, task))
+    except ValueError as e:  # no module matched target_modules, ...
+        raise ConfigError(f"model.lora: {str(e).splitlines()[0]}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -172,6 +172,10 @@ def grad_norm_of(module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def _norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else None
@@ -319,6 +323,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
                                       lr_scheduler=scheduler, config=ds)
+    # LoRA on pretrained weights: checkpoints hold only the adapter; every start reloads the frozen base.
+    lora_reloads_base = cfg.model.lora is not None and cfg.model.name_or_path is not None
     device = get_accelerator().current_device_name()
     zero0_fp32 = pre.zero_stage == 0 and cfg.model.dtype == "fp32"
 
@@ -334,7 +340,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             if is_main:
                 resume.convert_to_universal()
             dist.barrier()
-        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not lora_reloads_base,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:  # DeepSpeed returns None instead of failing: never a silent fresh start
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
@@ -355,7 +361,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     names = source_names(d.train)
     tracker.table("bigsft", [
         ("model", f"{cfg.model.name_or_path or cfg.model.config.get('model_type')} ({cfg.model.task})"),
-        ("parameters", f"{total_params / 1e6:,.1f}M ({trainable_params / 1e6:,.1f}M trainable)"),
+        ("parameters", f"{_count(total_params)} ({_count(trainable_params)} trainable"
+                       + (f", LoRA r={cfg.model.lora.r}" if cfg.model.lora else "") + ")"),
         ("precision", cfg.model.dtype + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")),
         ("strategy", f"ZeRO-{pre.zero_stage}" + (f", optimizer offload to {offload}" if offload != "none" else "")
          + (f", parameter offload to {offload_device(ds, 'offload_param')}"
@@ -398,9 +405,15 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     def save(step: int) -> None:
         trainer_state = {"step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
                          "skipped_steps": skipped_steps, "tracking_run_id": tracker.run_id, "identity": pre.identity}
+        if lora_reloads_base:  # what `bigsft export` needs to rebuild the model around the saved adapter
+            from bigsft.model import resolve_model_path
+
+            trainer_state["lora"] = {"base_model": resolve_model_path(cfg.model.name_or_path),
+                                     **to_dict(cfg.model.lora)}
         path = checkpointer.save(engine, step, zero_stage=pre.zero_stage, trainer=trainer_state,
                                  data={"stream": stream.state_dict(), "stats": stats.state_dict()},
-                                 model_config=engine.module.config, tokenizer=tokenizer)
+                                 model_config=engine.module.config, tokenizer=tokenizer,
+                                 trainable_only=lora_reloads_base)
         tracking.info(f"saved {path}", enabled=is_main)
 
     results: dict[str, dict[str, float]] = {}
@@ -518,7 +531,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     if pipe:
         pipeline.export_engine(engine, pre.hf_config, out_dir / "final", tokenizer=tokenizer)
     else:
-        export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer)
+        export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer, lora=cfg.model.lora)
     tracker.summary("evaluation", results, {"final": str(out_dir / "final"), "steps": str(total_steps),
                                             "trained tokens": f"{trained_tokens:,}"})
     tracker.close()

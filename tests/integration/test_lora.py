@@ -1,0 +1,68 @@
+"""LoRA under ZeRO 0, 2 with optimizer offload and 3 on 2 ranks: adapter-only training and checkpoints,
+merged or adapter-only exports, exact resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from conftest import REPO, causal_config, check, launch, read_metrics, train_losses
+
+pytestmark = pytest.mark.slow
+LORA = "model.lora={r: 4, alpha: 8, dropout: 0.0}"
+
+
+@pytest.fixture(scope="module")
+def lora_config(tmp_path_factory, llama_dir) -> Path:
+    d = tmp_path_factory.mktemp("lora")
+    train = tiny.write_jsonl(d / "train.jsonl", tiny.alpaca_records(200, seed=13))
+    evaluation = tiny.write_jsonl(d / "eval.jsonl", tiny.alpaca_records(20, seed=14))
+    return causal_config(d, llama_dir, train, evaluation, max_steps=8, lr=1e-2, save_every=4)
+
+
+@pytest.mark.parametrize("ds", ["zero0", "zero2_offload", "zero3"])
+def test_lora_trains_adapters_only_and_exports_the_merged_model(ds, lora_config, tmp_path):
+    from test_training import reload_eval_loss
+
+    out = tmp_path / "run"
+    proc = check(launch([str(lora_config), f"output_dir={out}", f"deepspeed={ds}", LORA], nproc=2))
+    assert "(8,192 trainable, LoRA r=4)" in proc.stdout
+    losses = train_losses(out)
+    assert losses[-1] < losses[0]
+    # Checkpoints hold the adapter and its optimizer state, not the frozen base.
+    states = {k for f in (out / "checkpoints" / "step_00000008" / "ds").glob("*model_states.pt")
+              for k in (torch.load(f, weights_only=False).get("module") or {})}
+    assert all("lora_" in k for k in states)
+    final_eval = [r["eval/loss"] for r in read_metrics(out) if "eval/loss" in r][-1]
+    assert reload_eval_loss(lora_config, out / "final") == pytest.approx(final_eval, abs=1e-5)
+
+
+def test_lora_resume_adapter_export_and_export_command(lora_config, tmp_path):
+    out = tmp_path / "run"
+    check(launch([str(lora_config), f"output_dir={out}", LORA, "model.lora.merge_on_export=false"], nproc=2))
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "adapter_model.safetensors").is_file()
+    resumed = tmp_path / "resumed"
+    check(launch([str(lora_config), f"output_dir={resumed}", LORA, f"train.resume={out}/checkpoints/step_00000004"],
+                 nproc=2))
+    assert train_losses(resumed) == pytest.approx(train_losses(out)[4:], abs=1e-6)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bigsft", "export", str(resumed), str(tmp_path / "merged")], capture_output=True,
+                          text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    final = load_file(resumed / "final" / "model.safetensors")  # merged at the end of the resumed run
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in final.items())
+    adapter = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    ids = torch.randint(0, 400, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
