@@ -1,4 +1,4 @@
-"""`bigsft` command line: train, validate, export, data inspect."""
+"""`bigsft` command line: train, validate, plan, export, data inspect."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ commands:
   train [CONFIG_OR_RECIPE] [key.path=value ...]   train (no argument: the built-in demo)
   validate CONFIG [key.path=value ...] [--world-size N]
                                                   check a config and its DeepSpeed JSON, print the batch math
+  plan CONFIG --gpus-per-node G --nodes N --gpu-mem GIB [--cpu-mem GIB] [--nvme] [--gpu-tflops T]
+       [--write ds_configs/planned.json] [key.path=value ...]
+                                                  memory and speed of every strategy; the fastest that fits
   export CHECKPOINT_OR_RUN_DIR OUT_DIR [--max-shard-size 5GB]
                                                   write an HF model directory from a checkpoint of any ZeRO
                                                   stage (a run directory: its newest checkpoint), on CPU
@@ -120,6 +123,35 @@ def export_command(argv: list[str]) -> int:
     return 0
 
 
+def plan_command(argv: list[str]) -> int:
+    from bigsft.config import load_config
+    from bigsft.model import load_hf_config
+    from bigsft.plan import hardware_from_args, report
+
+    values: dict[str, str | bool | None] = {"--gpus-per-node": None, "--nodes": None, "--gpu-mem": None,
+                                            "--cpu-mem": None, "--gpu-tflops": None, "--write": None, "--nvme": False}
+    args = []
+    it = iter(argv)
+    for arg in it:
+        key, eq, value = arg.partition("=")
+        if key == "--nvme":
+            values["--nvme"] = True
+        elif key in values:
+            value = value if eq else next(it, "")
+            if key != "--write" and not re.fullmatch(r"\d+(\.\d+)?", value):
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+            values[key] = value
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}\n{USAGE}")
+        else:
+            args.append(arg)
+    if not args:
+        raise ConfigError("plan needs a config")
+    cfg = load_config(args[0], args[1:])
+    best = report(cfg, load_hf_config(cfg.model), hardware_from_args(values), write=values["--write"])
+    return 0 if best is not None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -137,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return data_command(rest)
         if command == "export":
             return export_command(rest)
+        if command == "plan":
+            return plan_command(rest)
         raise ConfigError(f"unknown command {command!r}\n{USAGE}")
     except ConfigError as e:
         print(f"bigsft: error: {e}", file=sys.stderr)
