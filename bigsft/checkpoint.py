@@ -383,6 +383,11 @@ def save_hf_model(module, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
             config.use_cache = use_cache
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    return publish_dir(tmp, out)
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Put a finished directory in place of `out`: a reader sees the old one or the new one, never half."""
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -438,9 +443,7 @@ def save_lora(peft_model, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
     rebuilt.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return publish_dir(tmp, out)
 
 
 def checkpoint_state_dict(path: Path, zero_stage: int) -> dict[str, torch.Tensor]:

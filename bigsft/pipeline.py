@@ -418,7 +418,7 @@ def export_engine(engine, hf_config, out_dir: str | Path, *, tokenizer=None) -> 
 
 
 def _finish_export(tmp: Path, out: Path, hf_config, tokenizer) -> None:
-    import shutil
+    from bigsft.checkpoint import publish_dir
 
     write_index(tmp)
     use_cache = getattr(hf_config, "use_cache", None)
@@ -427,12 +427,7 @@ def _finish_export(tmp: Path, out: Path, hf_config, tokenizer) -> None:
     hf_config.use_cache = use_cache
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out)
 
 
 def export_checkpoint(ds_dir: Path, hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:

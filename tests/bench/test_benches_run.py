@@ -25,3 +25,12 @@ def test_pipeline_bubble_bench_runs():
                            "--layers", "2", "--hidden", "64"], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "(P-1)/(m+P-1)" in proc.stdout and "33.3%" in proc.stdout  # m=2, P=2: 1/3
+
+
+def test_throughput_bench_runs(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--reps", "1", "--steps", "4", "--hidden", "64",
+                           "--layers", "2", "--records", "120", "--plot", str(tmp_path / "t.png")],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    for line in ("bigsft packed", "bigsft padded", "HF Trainer", "bare PyTorch loop", "bigsft packed / HF Trainer"):
+        assert line in proc.stdout
