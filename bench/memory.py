@@ -28,12 +28,13 @@ def measure(model_dir: Path, configs, nproc: int = 2) -> list[dict]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     rows = []
     for name in configs:
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               str(REPO / "bench" / "memory_worker.py"), str(model_dir), name]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        reports = [json.loads(line.split("] ", 1)[-1]) for line in proc.stdout.splitlines() if '"measured"' in line]
-        if proc.returncode != 0 or not reports:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        with tempfile.TemporaryDirectory() as report_dir:
+            cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()),
+                   str(REPO / "bench" / "memory_worker.py"), str(model_dir), name, report_dir]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+            reports = [json.loads(p.read_text()) for p in sorted(Path(report_dir).glob("rank*.json"))]
+        if proc.returncode != 0 or len(reports) != nproc:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}{proc.stdout[-3000:]}")
         rows.append(max(reports, key=lambda r: r["measured"]))
     return rows
 

@@ -1,17 +1,19 @@
 """One rank's side of bench/memory.py (run under `deepspeed --num_gpus N`): build a model under one ZeRO
 configuration, train two steps, and report the bytes of every live tensor (storages counted once) next
 to what `bigsft.plan` predicts for the model states. Measured at the peak of the second step (after
-backward, before the optimizer step): weights, gradients and optimizer states all live. One JSON line
-per rank.
+backward, before the optimizer step): weights, gradients and optimizer states all live. Each rank
+writes REPORT_DIR/rank<R>.json (a file each: ranks printing to one stdout interleave their lines).
 
-    deepspeed --num_gpus 2 bench/memory_worker.py MODEL_DIR zero2
+    deepspeed --num_gpus 2 bench/memory_worker.py MODEL_DIR zero2 REPORT_DIR
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -34,11 +36,11 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from bigsft.dist import init_process_group, read_launch_env
+    from bigsft.dist import destroy_process_group, init_process_group, read_launch_env
     from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
     from bigsft.plan import Hardware, Strategy, model_shape, model_states
 
-    model_dir, ds_name = [a for a in sys.argv[1:] if not a.startswith("--")][:2]
+    model_dir, ds_name, report_dir = [a for a in sys.argv[1:] if not a.startswith("--")][:3]
     launch = read_launch_env()
     init_process_group(launch)
     hf_config = AutoConfig.from_pretrained(model_dir)
@@ -73,9 +75,16 @@ def main() -> None:
     gpu, host, _ = model_states(shape, strategy, dtype="fp32", hw=hw)
     # On CPU "GPU" and host memory are one: offloaded states count too (per rank: the node's share).
     predicted = gpu + (host / launch.world_size if strategy.offload_optimizer != "none" else 0)
-    print(json.dumps({"rank": launch.rank, "config": ds_name, "params": shape.params, "measured": measured,
-                      "predicted": predicted}), flush=True)
+    report = {"rank": launch.rank, "config": ds_name, "params": shape.params, "measured": measured,
+              "predicted": predicted}
+    (Path(report_dir) / f"rank{launch.rank}.json").write_text(json.dumps(report))
+    destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: now and then a C++ destructor there finds a live thread and aborts
+    # ("terminate called without an active exception", exit -6) after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -151,6 +151,11 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscr
         while time.time() < deadline:
             info = self.job_state(job_id)
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+                # Slurm's own delay covers what a test must wait for by hand: the old incarnation finishing on
+                # every node, and a second past it (slurmd refuses a credential issued in the second it revoked
+                # the job's old one: "Job credential revoked", and the job fails instead of starting).
+                self.wait_nodes_idle()
+                time.sleep(2.5)
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
                 return
             if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):

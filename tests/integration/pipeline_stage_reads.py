@@ -2,11 +2,12 @@
 which checkpoint tensors it read (one JSON line per rank)."""
 
 import json
+import os
 import sys
 
 import torch
 
-from bigsft.dist import init_process_group, read_launch_env
+from bigsft.dist import destroy_process_group, init_process_group, read_launch_env
 from bigsft.pipeline import build_pipeline
 
 
@@ -18,9 +19,16 @@ def main() -> None:
 
     module, _, source = build_pipeline(AutoConfig.from_pretrained(model_dir), model_dir, stages=2, partition="uniform",
                                        activation_checkpoint_interval=0, attn_implementation=None, dtype=torch.float32)
-    print(json.dumps({"rank": launch.rank, "read": sorted(source.read),
-                      "params": sum(p.numel() for p in module.parameters())}), flush=True)
+    # One write (under PIPE_BUF): the ranks share the launcher's stdout, and print()'s two writes interleave.
+    os.write(1, (json.dumps({"rank": launch.rank, "read": sorted(source.read),
+                                     "params": sum(p.numel() for p in module.parameters())}) + "\n").encode())
+    destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: now and then a C++ destructor there finds a live thread and aborts
+    # ("terminate called without an active exception", exit -6) after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -2,10 +2,11 @@
 rank, how many parameter elements it holds locally. Prints one JSON line per rank."""
 
 import json
+import os
 import sys
 
 from bigsft.config import ModelConfig
-from bigsft.dist import init_process_group, read_launch_env
+from bigsft.dist import destroy_process_group, init_process_group, read_launch_env
 from bigsft.ds_config import RunValues, load_ds_config, resolve_ds_config
 from bigsft.model import build_model, build_tokenizer, load_hf_config
 
@@ -25,14 +26,21 @@ def main() -> None:
     keep = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive while the model is built)
     model = build_model(cfg, load_hf_config(cfg), tokenizer=build_tokenizer(cfg))
     params = list(model.parameters())
-    print(json.dumps({
+    # One write (under PIPE_BUF): the ranks share the launcher's stdout, and print()'s two writes interleave.
+    os.write(1, (json.dumps({
         "rank": launch.rank,
         "local_elements": sum(p.numel() for p in params),
         "shard_elements": sum(p.ds_tensor.numel() for p in params),
         "full_elements": sum(p.ds_numel for p in params),
         "all_partitioned": all(hasattr(p, "ds_id") for p in params),
-    }), flush=True)
+    }) + "\n").encode())
+    destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: now and then a C++ destructor there finds a live thread and aborts
+    # ("terminate called without an active exception", exit -6) after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
