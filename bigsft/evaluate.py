@@ -16,10 +16,18 @@ import torch.nn.functional as F
 from bigsft import dist
 from bigsft.data.batching import Batch
 from bigsft.data.tokenize import IGNORE
+from bigsft.model import TrainedPositionsHead
 
 
-def summed_loss(model: Callable, batch: Batch, *, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropies over the batch's targets in fp32, logits)."""
+def summed_loss(model: Callable, batch: Batch, *, causal: bool,
+                head: TrainedPositionsHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropies over the batch's targets in fp32, logits). With `head` (a causal LM), the
+    LM head runs only where a target is, and the logits are [trained tokens, vocab]."""
+    if causal and head is not None:
+        mask = batch.targets != IGNORE
+        with head.selecting(mask):
+            logits = model(**batch.inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum"), logits
     extra = {"use_cache": False} if causal else {}
     logits = model(**batch.inputs, **extra).logits
     if causal:
@@ -56,7 +64,7 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
-             device: torch.device | str, dummy: Batch) -> dict[str, float]:
+             device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None) -> dict[str, float]:
     """Metrics over all ranks' batches. Ranks run the same number of forward passes (ZeRO-3 gathers
     parameters collectively): a rank out of batches runs `dummy`, which counts for nothing, until
     every rank is done."""
@@ -69,7 +77,7 @@ def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_lab
         if dist.all_reduce_max(int(batch is not None)) == 0:
             break
         real = batch is not None
-        loss, logits = summed_loss(model, (batch if real else dummy).to(device), causal=causal)
+        loss, logits = summed_loss(model, (batch if real else dummy).to(device), causal=causal, head=head)
         if not real:
             continue
         loss_sum += loss.double().cpu()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -169,3 +170,48 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
+
+
+# Families whose causal-LM forward is exactly `logits = lm_head(hidden)` (no logit scaling or soft-capping).
+HEAD_ON_TRAINED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3"})
+
+
+class TrainedPositionsHead:
+    """Runs the LM head only at positions that carry a loss.
+
+    Prompt, system and pad positions need no logits: in SFT they are often half the tokens, and the head
+    ([tokens, vocab], plus the fp32 copy the loss takes) is the largest activation of a model with a big
+    vocabulary. A forward pre-hook on the output embedding hands it `hidden[mask]`, so the model returns
+    logits of shape [trained tokens, vocab] in row-major order of the mask. Each row is the same
+    computation as before, so losses and gradients are unchanged. Installed only for the families in
+    `HEAD_ON_TRAINED_FAMILIES`; the hook is a no-op outside `selecting()`, so generation and export see
+    the stock model.
+    """
+
+    def __init__(self, head):
+        self.mask = None
+        self.handle = head.register_forward_pre_hook(self._select)
+
+    def _select(self, module, args):
+        if self.mask is None:
+            return None
+        hidden, *rest = args
+        return (hidden[self.mask], *rest)
+
+    @contextlib.contextmanager
+    def selecting(self, mask):
+        self.mask = mask
+        try:
+            yield
+        finally:
+            self.mask = None
+
+
+def trained_positions_head(model, hf_config) -> TrainedPositionsHead | None:
+    """The head selector for a causal LM of a known family; None for any other model."""
+    if getattr(hf_config, "model_type", None) not in HEAD_ON_TRAINED_FAMILIES:
+        return None
+    if any(getattr(hf_config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    head = model.get_output_embeddings()
+    return TrainedPositionsHead(head) if head is not None else None

@@ -241,7 +241,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     from transformers.integrations import HfDeepSpeedConfig
 
     from bigsft.evaluate import evaluate, summed_loss
-    from bigsft.model import build_model, count_parameters
+    from bigsft.model import build_model, count_parameters, trained_positions_head
 
     cfg, launch, bm = pre.cfg, pre.launch, pre.batch
     t, d = cfg.train, cfg.data
@@ -302,6 +302,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
     else:
         model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label)
+    head = trained_positions_head(model, pre.hf_config) if causal and not pipe else None
     total_params, trainable_params = count_parameters(model)
     if pipe:  # each stage counted its own layers
         total_params, trainable_params = (int(x / bm.data_parallel_size)
@@ -397,7 +398,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         if pipe:
             metrics = pipeline_evaluate(engine, pipe_loss, list(batches), dummy, bm)
         else:
-            metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy)
+            metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy,
+                               head=head)
         engine.train()
         tracker.log({"step": step, **metrics})
         return metrics
@@ -458,7 +460,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
             scale = bm.data_parallel_size / global_targets
             for i, micro in enumerate(window):
-                loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal)
+                loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal, head=head)
                 engine.backward(loss_sum * scale, scale_wrt_gas=False)
                 window_loss += loss_sum.detach().double().cpu()
                 if zero0_fp32 and i == len(window) - 1:

@@ -76,3 +76,49 @@ def test_schedule_warms_up_then_decays_to_min(schedule):
         progress = 15 / 16  # last step: 15 of the 16 decay steps done
         decayed = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
         assert f[-1] == pytest.approx(0.1 + 0.9 * decayed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_head_on_trained_positions_only_changes_nothing_but_the_work(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bigsft.model import trained_positions_head
+
+    import tiny
+
+    raw = dict(tiny.LLAMA if family == "llama" else tiny.GPT2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(raw.pop("model_type"), vocab_size=400, **raw))
+    ids = torch.randint(0, 400, (3, 20))
+    targets = ids.clone()
+    targets[:, :7] = -100  # the prompt
+    targets[2] = -100  # a row with nothing to train
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, targets, int((targets != -100).sum()), 60)
+
+    def loss_and_grads(head):
+        model.zero_grad()
+        loss, logits = summed_loss(model, batch, causal=True, head=head)
+        loss.backward()
+        return loss.item(), logits.shape, [p.grad.clone() for p in model.parameters()]
+
+    full, full_shape, full_grads = loss_and_grads(None)
+    head = trained_positions_head(model, model.config)
+    picked, picked_shape, picked_grads = loss_and_grads(head)
+    assert full_shape == (3, 20, 400) and picked_shape == (batch.num_targets, 400)
+    assert picked == pytest.approx(full, rel=1e-6)
+    for a, b in zip(full_grads, picked_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert model(input_ids=ids).logits.shape == (3, 20, 400)  # outside training the model is stock
+    nothing = Batch(batch.inputs, torch.full_like(targets, -100), 0, 60)
+    assert summed_loss(model, nothing, causal=True, head=head)[0].item() == 0.0
+
+
+def test_head_selection_only_for_families_whose_logits_are_the_head():
+    from types import SimpleNamespace
+
+    from bigsft.model import trained_positions_head
+
+    model = SimpleNamespace(get_output_embeddings=lambda: torch.nn.Linear(4, 8))
+    assert trained_positions_head(model, SimpleNamespace(model_type="llama")) is not None
+    assert trained_positions_head(model, SimpleNamespace(model_type="gemma2")) is None  # soft-capped logits
+    assert trained_positions_head(model, SimpleNamespace(model_type="qwen2", logit_scale=0.5)) is None
