@@ -132,26 +132,31 @@ def main() -> None:
     print(f"eval loss after {args.steps} steps: packed {losses[0]:.4f}, padded {losses[1]:.4f} "
           f"(difference {abs(losses[0] - losses[1]) / losses[1]:.1%})")
     if args.plot:
-        try:
-            import matplotlib
+        plot(medians, args.plot)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("(no matplotlib: plot skipped)")
-            return
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        names = list(medians)
-        ax.barh(names, [medians[n] for n in names], color=["#2a6f97" if n.startswith("bigsft") else "#999999"
-                                                            for n in names])
-        for y, n in enumerate(names):
-            ax.text(medians[n], y, f" {medians[n]:,.0f}", va="center")
-        ax.invert_yaxis()
-        ax.set_xlabel("trained tokens / s (median)")
-        ax.set_title("bench/throughput.py: same model, data and samples per step")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+
+def plot(medians: dict[str, float], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: plot skipped; pip install -e '.[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(medians)
+    ax.barh(names, [medians[n] for n in names], color=["#2a6f97" if n.startswith("bigsft") else "#999999"
+                                                        for n in names])
+    for y, n in enumerate(names):
+        ax.text(medians[n], y, f" {medians[n]:,.0f}", va="center")
+    ax.set_xlim(0, max(medians.values()) * 1.15)
+    ax.invert_yaxis()
+    ax.set_xlabel("trained tokens / s (median)")
+    ax.set_title("bench/throughput.py: same model, data and samples per step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
