@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from bigsft.dist import destroy_process_group, init_process_group, read_launch_env
+    from bigsft.dist import init_process_group, read_launch_env
     from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
     from bigsft.plan import Hardware, Strategy, model_shape, model_states
 
@@ -78,13 +77,10 @@ def main() -> None:
     report = {"rank": launch.rank, "config": ds_name, "params": shape.params, "measured": measured,
               "predicted": predicted}
     (Path(report_dir) / f"rank{launch.rank}.json").write_text(json.dumps(report))
-    destroy_process_group()
 
 
 if __name__ == "__main__":
+    from bigsft.dist import exit_skipping_teardown
+
     main()
-    # Skip interpreter teardown: now and then a C++ destructor there finds a live thread and aborts
-    # ("terminate called without an active exception", exit -6) after all the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_teardown()

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from bigsft.dist import destroy_process_group, init_process_group, read_launch_env
+from bigsft.dist import exit_skipping_teardown, init_process_group, read_launch_env
 from bigsft.pipeline import build_pipeline
 
 
@@ -22,13 +22,8 @@ def main() -> None:
     # One write (under PIPE_BUF): the ranks share the launcher's stdout, and print()'s two writes interleave.
     os.write(1, (json.dumps({"rank": launch.rank, "read": sorted(source.read),
                                      "params": sum(p.numel() for p in module.parameters())}) + "\n").encode())
-    destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # Skip interpreter teardown: now and then a C++ destructor there finds a live thread and aborts
-    # ("terminate called without an active exception", exit -6) after all the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_teardown()

@@ -6,7 +6,7 @@ import os
 import sys
 
 from bigsft.config import ModelConfig
-from bigsft.dist import destroy_process_group, init_process_group, read_launch_env
+from bigsft.dist import exit_skipping_teardown, init_process_group, read_launch_env
 from bigsft.ds_config import RunValues, load_ds_config, resolve_ds_config
 from bigsft.model import build_model, build_tokenizer, load_hf_config
 
@@ -34,13 +34,8 @@ def main() -> None:
         "full_elements": sum(p.ds_numel for p in params),
         "all_partitioned": all(hasattr(p, "ds_id") for p in params),
     }) + "\n").encode())
-    destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # Skip interpreter teardown: now and then a C++ destructor there finds a live thread and aborts
-    # ("terminate called without an active exception", exit -6) after all the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_skipping_teardown()
