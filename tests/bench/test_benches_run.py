@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,13 @@ def test_throughput_bench_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     for line in ("bigsft packed", "bigsft padded", "HF Trainer", "bare PyTorch loop", "bigsft packed / HF Trainer"):
         assert line in proc.stdout
+
+
+def test_gpu_bench_script_runs_its_whole_path_in_smoke_mode():
+    env = {**os.environ, "SMOKE": "1", "BIGSFT_PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu.sh"], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    table = proc.stdout.strip().splitlines()[-4:]
+    assert "tokens/s" in table[0] and "TFLOP/s" in table[0] and "MFU" in table[0]
+    assert table[1].startswith("bigsft (packed)") and table[2].startswith("HF Trainer (padded)")
+    assert "bigsft / HF Trainer tokens/s:" in table[3]
