@@ -90,7 +90,7 @@ def run_bare(cfg, steps: int) -> list[float]:
     from bigsft.data.loader import SplitStats
     from bigsft.data.pipeline import plan_data, train_stream
     from bigsft.evaluate import summed_loss
-    from bigsft.model import build_tokenizer
+    from bigsft.model import build_tokenizer, trained_positions_head
 
     tok = build_tokenizer(cfg.model)
     plan = plan_data(cfg.data, cfg.model, tok)
@@ -100,6 +100,7 @@ def run_bare(cfg, steps: int) -> list[float]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
     model.config.use_cache = False
+    head = trained_positions_head(model, model.config)  # the same model arithmetic as bigsft's
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     times = []
     for step in range(steps):
@@ -107,7 +108,7 @@ def run_bare(cfg, steps: int) -> list[float]:
         start = time.perf_counter()
         targets = sum(b.num_targets for b in window)
         for batch in window:
-            loss, _ = summed_loss(model, batch, causal=True)
+            loss, _ = summed_loss(model, batch, causal=True, head=head)
             (loss / targets).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:
