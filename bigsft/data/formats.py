@@ -23,6 +23,9 @@ class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
     """Tool (function) schemas offered to the model, passed to the chat template."""
+    loss_weights: tuple[float | None, ...] = ()
+    """Per message, the record's `loss_weight` (0: not trained, 1: trained; None: not given); empty when no
+    message gives one. Kept beside the messages so chat templates never see it."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class Labeled:
 
 
 Example = Conversation | Completion | PlainText | Labeled
+
+CONVERSATION_FORMATS = ("alpaca", "messages", "sharegpt")
+"""Formats read as a Conversation: rendered with a chat template, which the exported tokenizer then carries."""
 
 
 def _field(record: Mapping[str, Any], columns: Mapping[str, str], name: str, *, required: bool = True,
@@ -99,7 +105,8 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
 
 
-def _check_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Conversation:
+def _check_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 loss_weights: list[float | None] | None = None) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecordError("no assistant turn")
     for m in messages:
@@ -107,7 +114,43 @@ def _check_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
             _nonempty(m["content"], "assistant turn")
         elif m["content"]:
             _nonempty(m["content"], f"{m['role']} turn")
-    return Conversation(messages, tools)
+    weights = tuple(loss_weights) if loss_weights and any(w is not None for w in loss_weights) else ()
+    return Conversation(messages, tools, weights)
+
+
+def _loss_weight(turn: Mapping[str, Any], role: str) -> float | None:
+    """A message's `loss_weight` (LLaMA-Factory): 0 leaves the turn untrained, 1 trains it. Fractional
+    weights would need a weighted loss, which bigsft does not have: such a record is refused, not rounded."""
+    weight = turn.get("loss_weight")
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise BadRecordError(f"{role} message with loss_weight {weight!r}: only 0 (not trained) or 1 (trained) "
+                             "is supported")
+    return float(weight)
+
+
+def _content_parts(parts: list[Any], role: str) -> tuple[str, str, list[dict[str, Any]]]:
+    """Text, reasoning and tool calls from content parts: OpenAI's {"type": "text", "text": ...} and
+    LLaMA-Factory v1's {"type": "text" | "reasoning" | "tool_call", "value": ...}. Other parts (images)
+    carry no text and are left out."""
+    text, reasoning, calls = [], [], []
+    for part in parts:
+        if not isinstance(part, Mapping):
+            raise BadRecordError(f"{role} message content parts should be objects")
+        kind = part.get("type")
+        value = part["text"] if isinstance(part.get("text"), str) else part.get("value")
+        if kind not in ("text", "reasoning", "tool_call", "tool_calls"):
+            continue
+        if not isinstance(value, str):
+            raise BadRecordError(f"a {kind} part of a {role} message has no text (no 'text' or 'value' string)")
+        if kind == "text":
+            text.append(value)
+        elif kind == "reasoning":
+            reasoning.append(value)
+        else:
+            calls += _tool_call(value)
+    return "".join(text), "".join(reasoning), calls
 
 
 def _tools(record: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, Any]] | None:
@@ -151,21 +194,31 @@ def _tool_call(text: str) -> list[dict[str, Any]]:
 
 def parse_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> Conversation:
     turns = _field(record, columns, "messages", kind=list)
-    messages = []
+    messages, weights = [], []
     for turn in turns:
         if not isinstance(turn, Mapping):
             raise BadRecordError("a message should be an object with role and content")
         role = turn.get("role")
         if role not in _ROLES:
             raise BadRecordError(f"unknown role {role!r}")
-        content = turn.get("content")
-        if content is None and (turn.get("tool_calls") or role == "tool"):
+        content, reasoning, part_calls = turn.get("content"), turn.get("reasoning_content"), []
+        if isinstance(content, list):
+            content, part_reasoning, part_calls = _content_parts(content, role)
+            reasoning = reasoning or part_reasoning or None
+        if content is None and (turn.get("tool_calls") or part_calls or role == "tool"):
             content = ""
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
         if not isinstance(content, str):
             raise BadRecordError(f"{role} message content should be text")
         message: dict[str, Any] = {"role": role, "content": content}
+        if reasoning:
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise BadRecordError(f"reasoning_content belongs in assistant messages, as text (got it on a {role} "
+                                     "message)")
+            message["reasoning_content"] = reasoning
+        if part_calls:
+            if role != "assistant":
+                raise BadRecordError("tool_call parts belong in assistant messages")
+            message["tool_calls"] = part_calls
         if turn.get("tool_calls"):
             if role != "assistant" or not isinstance(turn["tool_calls"], list):
                 raise BadRecordError("tool_calls belong in assistant messages, as a list")
@@ -180,7 +233,8 @@ def parse_messages(record: Mapping[str, Any], columns: Mapping[str, str]) -> Con
             if isinstance(turn.get(key), str):
                 message[key] = turn[key]
         messages.append(message)
-    return _check_turns(messages, _tools(record, columns))
+        weights.append(_loss_weight(turn, role))
+    return _check_turns(messages, _tools(record, columns), weights)
 
 
 def _arguments(arguments: Any) -> Any:
@@ -196,6 +250,7 @@ def parse_sharegpt(record: Mapping[str, Any], columns: Mapping[str, str]) -> Con
     turns = _field(record, columns, "conversations", kind=list)
     system = _field(record, columns, "system", required=False)
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    weights: list[float | None] = [None] * len(messages)
     for turn in turns:
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
             raise BadRecordError("a turn should be an object with from and value")
@@ -206,7 +261,8 @@ def parse_sharegpt(record: Mapping[str, Any], columns: Mapping[str, str]) -> Con
             messages.append({"role": "assistant", "content": "", "tool_calls": _tool_call(turn["value"])})
         else:
             messages.append({"role": role, "content": turn["value"]})
-    return _check_turns(messages, _tools(record, columns))
+        weights.append(_loss_weight(turn, role))
+    return _check_turns(messages, _tools(record, columns), weights)
 
 
 def parse_prompt_completion(record: Mapping[str, Any], columns: Mapping[str, str]) -> Completion:

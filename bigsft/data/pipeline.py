@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
+from bigsft.data.formats import CONVERSATION_FORMATS
 from bigsft.data.loader import SplitStats, label_names, scan
 from bigsft.data.sources import count_records
 from bigsft.data.stream import MixedStream, TrainStream, source_streams
 from bigsft.data.stream import eval_batches as _eval_batches
-from bigsft.data.tokenize import SampleBuilder
+from bigsft.data.tokenize import SampleBuilder, keep_chat_template
 
 
 @dataclass
@@ -57,6 +58,8 @@ def plan_data(data: DataConfig, model: ModelConfig, tokenizer) -> DataPlan:
         label2id={v: k for k, v in id2label.items()} if id2label else None,
         num_labels=len(id2label) if id2label else None,
     )
+    if model.task == "causal_lm" and any(s.format in CONVERSATION_FORMATS for s in data.train):
+        keep_chat_template(tokenizer, build)
     scanned = {"train": scan(data.train, "train", build, data.max_bad_fraction)}
     if data.eval:
         scanned["eval"] = scan(data.eval, "eval", build, data.max_bad_fraction)

@@ -168,10 +168,13 @@ def _delimited(path: str, record: int, line: int, offset: int) -> Iterator[tuple
         header = next(reader, None)
         if header is None:
             return
-        for i, row in enumerate(reader):
+        # `record` counts records, as the saved position does: a blank row is none, so it is not counted.
+        seen = 0
+        for row in reader:
             if not row:
                 continue
-            if i < record:
+            seen += 1
+            if seen <= record:
                 continue
             location = f"{path}:{reader.line_num}"
 

@@ -23,8 +23,8 @@ IGNORE = -100
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
 # ChatML-style, for tokenizers without a chat template. Assistant turns end with the tokenizer's EOS
-# so that a model trained on it learns to stop; tool schemas go into the system turn and tool calls
-# are JSON between <tool_call> tags.
+# so that a model trained on it learns to stop; tool schemas go into the system turn, tool calls
+# are JSON between <tool_call> tags and an assistant's reasoning_content comes first, in <think> tags.
 DEFAULT_CHAT_TEMPLATE = (
     "{%- set ns = namespace(messages=messages) -%}"
     "{%- if tools -%}"
@@ -37,7 +37,11 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ '<|im_end|>\n' }}"
     "{%- endif -%}"
     "{%- for message in ns.messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['reasoning_content'] is defined and message['reasoning_content'] -%}"
+    "{{ '<think>\n' + message['reasoning_content'].strip() + '\n</think>\n\n' }}"
+    "{%- endif -%}"
+    "{{ message['content'] }}"
     "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
     "{%- for call in message['tool_calls'] -%}"
     "{{ '<tool_call>\n' + (call['function'] | tojson) + '\n</tool_call>' }}"
@@ -165,14 +169,15 @@ class SampleBuilder:
     def _render_spans(self, ex: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans that carry the loss."""
         if self.system_prompt and ex.messages[0]["role"] != "system":
-            ex = Conversation([{"role": "system", "content": self.system_prompt}, *ex.messages], ex.tools)
+            ex = Conversation([{"role": "system", "content": self.system_prompt}, *ex.messages], ex.tools,
+                              (None, *ex.loss_weights) if ex.loss_weights else ())
         try:
             text = self._render(ex, len(ex.messages), generation_prompt=False)
             if self.train_on == "all":
                 spans = [(0, len(text))]
             else:
                 spans = []  # character spans of assistant turns, end-of-turn scaffolding included
-                turns = [i for i, m in enumerate(ex.messages) if m["role"] == "assistant"]
+                turns = self._trained_turns(ex)
                 if self.train_on == "last_assistant":
                     turns = turns[-1:]
                 for i in turns:
@@ -186,6 +191,23 @@ class SampleBuilder:
         except Exception as e:  # a template that rejects this conversation (role order, ...)
             raise BadRecordError(f"chat template failed: {str(e).splitlines()[0][:120]}") from None
         return text, spans
+
+    @staticmethod
+    def _trained_turns(ex: Conversation) -> list[int]:
+        """Assistant turns that carry the loss: all but those with `loss_weight: 0`. A weight on any other
+        turn asks for training it, which only `data.train_on: all` does (it trains every token anyway)."""
+        weights = ex.loss_weights or (None,) * len(ex.messages)
+        turns = []
+        for i, (m, weight) in enumerate(zip(ex.messages, weights)):
+            if m["role"] == "assistant":
+                if weight != 0:
+                    turns.append(i)
+            elif weight:
+                raise BadRecordError(f"{m['role']} message with loss_weight {weight:g}: only assistant turns are "
+                                     "trained (data.train_on: all trains every turn)")
+        if not turns:
+            raise BadRecordError("no trained turn (every assistant message has loss_weight 0)")
+        return turns
 
     def _tokenize_spans(self, items: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[list[int], list[bool]]]:
         """Token ids and per-token trained flags: a token is trained when it overlaps a trained span."""
@@ -232,3 +254,29 @@ class SampleBuilder:
         if truncated and self.truncation == "drop":
             raise BadRecordError(f"longer than data.max_length={self.max_length} (data.truncation: drop)")
         return Sample(enc["input_ids"], label, enc.get("token_type_ids"), truncated=truncated)
+
+
+def keep_chat_template(tokenizer, build: SampleBuilder) -> None:
+    """Make the run's tokenizer carry the chat template its conversations are rendered with (data.chat_template,
+    the tokenizer's own, or the ChatML-style default), so that every export of it (checkpoints' hf/, final/)
+    prompts the model exactly as it was trained."""
+    tokenizer.chat_template = build.chat_template
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids that end an assistant turn in the tokenizer's chat template, where the marker is one
+    added token of the vocabulary (ChatML's <|im_end|>, Llama 3's <|eot_id|>, the EOS). A marker that is
+    not a single token (plain text, or a tag the vocabulary splits) cannot be a stop id: none is returned."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    probe = "bigsft end of turn probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+    except Exception:  # a template that needs more than a plain exchange: nothing to learn from it
+        return []
+    if probe not in text:
+        return []
+    tail = text[text.rindex(probe) + len(probe):]
+    markers = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    return list(dict.fromkeys(i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in markers))

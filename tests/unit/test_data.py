@@ -262,6 +262,53 @@ def test_reader_resumes_mid_file_at_the_same_record(tmp_path, suffix):
     assert EPOCH_END in rest
 
 
+def _blank_lined(kind: str, rows: list[dict]) -> str:
+    """A file of `rows` in `kind`, with blank lines between records (and quoted fields spanning lines)."""
+    out = []
+    for i, r in enumerate(rows):
+        if kind == "jsonl":
+            out.append(json.dumps(r) + "\n")
+        elif kind == "tsv":
+            out.append(f"{r['text']}\t{r['label']}\n")
+        elif kind == "csv_multiline":
+            out.append(f'"{r["text"]}\nsecond line, with a comma",{r["label"]}\n')
+        else:
+            out.append(f"{r['text']},{r['label']}\n")
+        if i % 3 == 0:
+            out.append("\n" * (1 + i % 2))
+    header = {"jsonl": "", "tsv": "text\tlabel\n"}.get(kind, "text,label\n")
+    return header + "\n" + "".join(out)
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "csv_multiline", "jsonl"])
+def test_reader_resumes_past_blank_lines_without_replaying_records(tmp_path, kind):
+    from bigsft.data.sources import EPOCH_END, SourceReader
+
+    rows = [{"text": f"record {i}", "label": str(i % 2)} for i in range(23)]
+    path = tmp_path / f"d.{kind.split('_')[0]}"
+    path.write_text(_blank_lined(kind, rows))
+
+    def reader(dp_rank):
+        return SourceReader(DataSource(path=str(path), format="text"), [str(path)], seed=0, index=0,
+                            dp_rank=dp_rank, dp_size=2, shuffle_files=False, cycle=False)
+
+    def texts(items):
+        return [r.fields["text"].split("\n")[0] for r in items if r is not None and r is not EPOCH_END]
+
+    for dp_rank in (0, 1):
+        whole = reader(dp_rank)
+        expected = texts(iter(whole.next, None))
+        assert expected == [f"record {i}" for i in range(dp_rank, 23, 2)]  # every second record
+        for stop in (1, 3, 5, 8):
+            first = reader(dp_rank)
+            got = [first.next() for _ in range(stop)]
+            resumed = reader(dp_rank)
+            resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+            assert texts(got) + texts(iter(resumed.next, None)) == expected, (dp_rank, stop)
+    bad = list(read_source(DataSource(path=str(path), format="text"), "x"))
+    assert all(isinstance(r, Record) for r in bad) and len(bad) == 23
+
+
 def test_malformed_json_array_file_is_an_error_not_a_silent_loss(tmp_path):
     from bigsft.data.sources import DataError
 
@@ -333,3 +380,127 @@ def test_train_on_modes(tok, train_on, trained, untrained):
                          {"role": "assistant", "content": "second answer"}])
     text = trained_text(tok, SampleBuilder(tok, max_length=512, train_on=train_on)(conv))
     assert all(t in text for t in trained) and not any(u in text for u in untrained)
+
+
+# -- LLaMA-Factory v1 records: content parts with `value`, loss_weight, reasoning ------------------
+
+_V1_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "observation": "tool"}
+
+
+def llamafactory_v1(record: dict) -> dict:
+    """A sharegpt record as LLaMA-Factory v1's converter writes it: content parts {"type", "value"},
+    tool calls as `tool_call` parts, and a loss_weight on every message (1 for the model's turns)."""
+    messages = []
+    for turn in record["conversations"]:
+        if turn["from"] == "function_call":
+            call = json.loads(turn["value"])
+            messages.append({"role": "assistant", "content": [{"type": "tool_call", "value": json.dumps(call)}],
+                             "loss_weight": 1.0})
+        else:
+            messages.append({"role": _V1_ROLES[turn["from"]], "content": [{"type": "text", "value": turn["value"]}],
+                             "loss_weight": 1.0 if turn["from"] == "gpt" else 0.0})
+    return {"messages": messages, **({"tools": record["tools"]} if record.get("tools") else {})}
+
+
+def test_llamafactory_v1_record_trains_exactly_like_its_sharegpt_original(tok, shared_data):
+    data = json.loads((shared_data / "glaive_toolcall_en_demo.json").read_text())
+    record = next(r for r in data if any(t["from"] == "function_call" for t in r["conversations"]))
+    build = SampleBuilder(tok, max_length=4096)
+    v1 = PARSERS["messages"](llamafactory_v1(record), {})
+    original = build(PARSERS["sharegpt"](record, {}))
+    sample = build(v1)
+    assert sample.input_ids == original.input_ids and sample.targets == original.targets
+    gpt = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    text = trained_text(tok, sample)
+    assert all(g[:40] in text for g in gpt) and record["conversations"][0]["value"][:40] not in text
+    assert '"name": "search_recipes"' in text
+
+
+def test_loss_weight_zero_leaves_an_assistant_turn_untrained_in_messages_and_sharegpt(tok):
+    v1 = {"messages": [
+        {"role": "system", "content": [{"type": "text", "value": "You are terse."}], "loss_weight": 0.0},
+        {"role": "user", "content": [{"type": "text", "value": "Add 2 and 3."}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "text", "value": "first answer"}], "loss_weight": 0.0},
+        {"role": "user", "content": [{"type": "text", "value": "Again?"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "text", "value": "second answer"}], "loss_weight": 1.0}]}
+    sharegpt = {"system": "You are terse.", "conversations": [
+        {"from": "human", "value": "Add 2 and 3."}, {"from": "gpt", "value": "first answer", "loss_weight": 0},
+        {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "second answer"}]}
+    for fmt, record in (("messages", v1), ("sharegpt", sharegpt)):
+        sample = SampleBuilder(tok, max_length=512)(PARSERS[fmt](record, {}))
+        text = trained_text(tok, sample)
+        assert "second answer" in text and "first answer" not in text, fmt
+        assert "first answer" in tok.decode(sample.input_ids) and text.count(tok.eos_token) == 1
+        last = SampleBuilder(tok, max_length=512, train_on="last_assistant")(PARSERS[fmt](record, {}))
+        assert last.targets == sample.targets
+
+
+@pytest.mark.parametrize(("record", "reason"), [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_weight": 0.5}]},
+     r"assistant message with loss_weight 0\.5: only 0 \(not trained\) or 1 \(trained\) is supported"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_weight": "1"}]},
+     "assistant message with loss_weight '1'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}, {"role": "assistant", "content": "a"}]},
+     "a text part of a user message has no text"),
+    ({"messages": [{"role": "user", "content": "q", "reasoning_content": "hm"}, {"role": "assistant", "content": "a"}]},
+     "reasoning_content belongs in assistant messages"),
+])
+def test_bad_loss_weights_and_parts_are_refused_with_the_reason(record, reason):
+    with pytest.raises(BadRecordError, match=reason):
+        PARSERS["messages"](record, {})
+
+
+def test_loss_weights_that_leave_nothing_or_ask_for_a_user_turn_are_refused(tok):
+    build = SampleBuilder(tok, max_length=512)
+    none = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss_weight": 0}]}
+    with pytest.raises(BadRecordError, match="no trained turn .every assistant message has loss_weight 0"):
+        build(PARSERS["messages"](none, {}))
+    user = {"messages": [{"role": "user", "content": "q", "loss_weight": 1}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(BadRecordError, match="user message with loss_weight 1: only assistant turns are trained"):
+        build(PARSERS["messages"](user, {}))
+    assert SampleBuilder(tok, max_length=512, train_on="all")(PARSERS["messages"](user, {})).num_targets > 0
+
+
+def test_reasoning_is_kept_and_rendered_by_the_default_and_by_a_qwen3_style_template(tok):
+    parts = {"messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Capital of Peru?"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Peru is in South America."},
+                                          {"type": "text", "value": "Lima."}], "loss_weight": 1.0}]}
+    openai = {"messages": [{"role": "user", "content": "Capital of Peru?"},
+                           {"role": "assistant", "content": "Lima.", "reasoning_content": "Peru is in South America."}]}
+    convs = [PARSERS["messages"](r, {}) for r in (parts, openai)]
+    assert convs[0].messages == convs[1].messages
+    assert convs[0].messages[1]["reasoning_content"] == "Peru is in South America."
+    sample = SampleBuilder(tok, max_length=512)(convs[0])
+    assert "<|im_start|>assistant\n<think>\nPeru is in South America.\n</think>\n\nLima.<|im_end|>" \
+        in tok.decode(sample.input_ids)
+    assert trained_text(tok, sample).startswith("<think>\nPeru is in South America.\n</think>\n\nLima.")
+    qwen3_style = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                   "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+                   "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    own = SampleBuilder(tok, max_length=512, chat_template=qwen3_style)(convs[1])
+    assert trained_text(tok, own).startswith("<think>Peru is in South America.</think>Lima.<|im_end|>")
+
+
+def test_data_inspect_reads_llamafactory_v1_records_as_train_does(tmp_path, tok, llama_dir):
+    from rich.console import Console
+
+    from bigsft.config import load_config
+    from bigsft.data.inspect import inspect
+    from bigsft.data.pipeline import plan_data
+
+    from conftest import causal_config
+
+    records = [{"messages": [
+        {"role": "user", "content": [{"type": "text", "value": f"Add {i} and 1."}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "text", "value": f"{i} plus 1 is {i + 1}."}], "loss_weight": 1.0}]}
+        for i in range(6)]
+    train = tmp_path / "v1.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = load_config(str(causal_config(tmp_path, llama_dir, train)), ["data.train.0.format=messages"])
+    console = Console(record=True, width=200)
+    summary = inspect(cfg, plan_data(cfg.data, cfg.model, tok), tok, show=1, console=console)
+    assert summary["records"] == 6 and summary["samples"] == 6 and summary["skipped"] == {}
+    build = SampleBuilder(tok, max_length=128)
+    assert summary["trained_tokens"] == sum(build(PARSERS["messages"](r, {})).num_targets for r in records)
+    assert "0 plus 1 is 1." in console.export_text()

@@ -128,10 +128,24 @@ def test_unweighted_sources_mix_by_size(tok, tmp_path):
     assert plan.weights == [90.0, 30.0]
 
 
+def with_blank_lines(path, suffix: str):
+    """The JSON-lines file `path` rewritten as `suffix` (header for CSV/TSV), with blank lines between records."""
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    cell = (lambda t: json.dumps({"text": t})) if suffix == ".jsonl" else (lambda t: f'"{t}"' if suffix == ".csv" else t)
+    head = "" if suffix == ".jsonl" else "text\n\n"
+    out = path.with_suffix(suffix)
+    path.unlink()
+    out.write_text(head + "".join(cell(t) + "\n" + "\n" * (i % 3 == 0) for i, t in enumerate(texts)))
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", ".jsonl", ".csv", ".tsv"])
 @pytest.mark.parametrize("packing", [False, True])
-def test_resume_from_state_yields_exactly_the_same_batches(tok, tmp_path, packing):
+def test_resume_from_state_yields_exactly_the_same_batches(tok, tmp_path, packing, suffix):
     a = write_texts(tmp_path / "a.jsonl", 0, 37, long_every=5)
     b = write_texts(tmp_path / "b.jsonl", 1000, 23)
+    if suffix:  # blank lines between records: they are no records, before or after a resume
+        a, b = with_blank_lines(a, suffix), with_blank_lines(b, suffix)
     data = DataConfig(train=[DataSource(path=str(a), format="text", weight=2.0),
                              DataSource(path=str(b), format="text", weight=1.0)],
                       max_length=64, packing=packing, shuffle_buffer=6)
