@@ -94,6 +94,12 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    """Per-step gradient norms: parity checks compare them with the losses, since a constant gradient-scale
+    error (a division by accumulation or world size too many or too few) leaves AdamW's losses unchanged."""
+    return [r["grad_norm"] for r in read_metrics(run_dir) if "loss" in r]
+
+
 def launch_command(args: list[str], *, nproc: int = 1, launcher: str = "deepspeed") -> list[str]:
     from bigsft.dist import free_port
 

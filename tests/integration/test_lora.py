@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny
-from conftest import REPO, causal_config, check, launch, read_metrics, train_losses
+from conftest import REPO, causal_config, check, grad_norms, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow
 LORA = "model.lora={r: 4, alpha: 8, dropout: 0.0}"
@@ -26,6 +26,9 @@ def lora_config(tmp_path_factory, llama_dir) -> Path:
     return causal_config(d, llama_dir, train, evaluation, max_steps=8, lr=1e-2, save_every=4)
 
 
+RUNS: dict[str, Path] = {}  # ZeRO-0 first: the others are compared with it
+
+
 @pytest.mark.parametrize("ds", ["zero0", "zero2_offload", "zero3"])
 def test_lora_trains_adapters_only_and_exports_the_merged_model(ds, lora_config, tmp_path):
     from test_training import reload_eval_loss
@@ -35,6 +38,10 @@ def test_lora_trains_adapters_only_and_exports_the_merged_model(ds, lora_config,
     assert "(8,192 trainable, LoRA r=4)" in proc.stdout
     losses = train_losses(out)
     assert losses[-1] < losses[0]
+    RUNS[ds] = out
+    if "zero0" in RUNS:  # frozen base, adapters only: every stage trains the same adapters
+        assert losses == pytest.approx(train_losses(RUNS["zero0"]), abs=1e-5)
+        assert grad_norms(out) == pytest.approx(grad_norms(RUNS["zero0"]), rel=1e-4)
     # Checkpoints hold the adapter and its optimizer state, not the frozen base.
     states = {k for f in (out / "checkpoints" / "step_00000008" / "ds").glob("*model_states.pt")
               for k in (torch.load(f, weights_only=False).get("module") or {})}
@@ -51,6 +58,7 @@ def test_lora_resume_adapter_export_and_export_command(lora_config, tmp_path):
     check(launch([str(lora_config), f"output_dir={resumed}", LORA, f"train.resume={out}/checkpoints/step_00000004"],
                  nproc=2))
     assert train_losses(resumed) == pytest.approx(train_losses(out)[4:], abs=1e-6)
+    assert grad_norms(resumed) == pytest.approx(grad_norms(out)[4:], rel=1e-5)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(["bigsft", "export", str(resumed), str(tmp_path / "merged")], capture_output=True,
                           text=True, cwd=REPO, env=env)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from conftest import REPO, causal_config, check, launch, read_metrics, train_losses
+from conftest import REPO, causal_config, check, grad_norms, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -64,6 +64,7 @@ def test_packed_rows_through_the_pipeline(pipe_config, llama_dir, tmp_path):
     reference = single(pipe_config, tmp_path / "p1", llama_dir, *packed)
     run = pipelined(pipe_config, tmp_path / "p2", llama_dir, *packed)
     assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-5)
+    assert grad_norms(run) == pytest.approx(grad_norms(reference), rel=1e-4)
     assert eval_losses(run) == pytest.approx(eval_losses(reference), abs=1e-5)
 
 
@@ -85,6 +86,7 @@ def test_export_resume_and_reload(pipe_config, gpt2_dir, tmp_path):
     assert reload_eval_loss(pipe_config, run / "final") == pytest.approx(eval_losses(run)[-1], abs=1e-5)
     resumed = pipelined(pipe_config, tmp_path / "resumed", gpt2_dir, f"train.resume={run}/checkpoints/step_00000003")
     assert train_losses(resumed) == pytest.approx(train_losses(run)[3:], abs=1e-6)
+    assert grad_norms(resumed) == pytest.approx(grad_norms(run)[3:], rel=1e-5)
 
 
 def test_each_stage_reads_only_its_own_tensors(tmp_path, tokenizer_dir):
