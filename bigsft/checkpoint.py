@@ -9,8 +9,9 @@ A checkpoint is a directory `output_dir/checkpoints/step_NNNNNNNN/`:
     hf/               the model's HF config and the tokenizer, for `bigsft export`
     MANIFEST.json     every file with its size, written last
 
-It is written under `step_NNNNNNNN.tmp/`; only when every rank has finished writing (an all-reduce
-of their outcomes) does rank 0 write the manifest and rename the directory. A crash at any moment
+It is written under `step_NNNNNNNN.tmp/`; only when every rank has finished writing (a gather of their
+outcomes and of the files each wrote, which rank 0 must all see: the filesystem has to be shared) does
+rank 0 write the manifest and rename the directory. A crash at any moment
 leaves at worst a `.tmp` directory that resume never looks at, and the previous checkpoints intact; a
 failure on any rank (a full disk) is known to all ranks, which remove the temporary directory and stop
 with one message. DeepSpeed's own `latest` tag is never written: resume picks the newest directory
@@ -20,13 +21,17 @@ fresh start.
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +158,11 @@ class ResumePoint:
     universal: bool
     """The data-parallel world size changed: load through DeepSpeed's universal checkpoint format."""
 
+    @property
+    def global_batch_size(self) -> int | None:
+        """Samples (or packed rows) per optimizer step of the run that wrote it; None for older checkpoints."""
+        return self.trainer["identity"].get("global_batch_size")
+
     def rank_state(self, rank: int) -> dict | None:
         f = self.path / f"rank_{rank:05d}.pt"
         return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
@@ -178,14 +188,78 @@ class ResumePoint:
                                   f"the command was: {' '.join(cmd)}")
         os.rename(tmp, out)
 
+    def view(self) -> str:
+        """What this rank resumes from, comparable across ranks: the step directory's absolute path and
+        the manifest's save time (which tells two copies of one step apart)."""
+        try:
+            saved = json.loads((self.path / MANIFEST).read_text())["time"]
+            when = datetime.fromtimestamp(saved, timezone.utc).isoformat(timespec="milliseconds")
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            when = "unknown"
+        return f"{self.path.resolve()} (step {self.trainer['step']}, saved {when})"
+
+    def prepare_universal(self, *, is_main: bool, poll_seconds: float = 1.0) -> None:
+        """Collective: rank 0 converts the checkpoint (once) and every rank gets the outcome; a failure is a
+        ConfigError on every rank.
+
+        The conversion of a large model can outlast the process group's collective timeout, so the other
+        ranks do not wait in a collective: they poll the (shared) checkpoint directory for the published
+        `universal/` or for the error rank 0 wrote, and only then meet rank 0 again."""
+        failed = self.path / f"{UNIVERSAL_TAG}.failed"
+        if is_main:
+            failed.unlink(missing_ok=True)  # an earlier attempt's outcome
+        dist.barrier()  # from here on, a failure file is this attempt's
+        if is_main:
+            try:
+                self.convert_to_universal()
+            except (CheckpointError, OSError) as e:
+                message = str(e) if isinstance(e, CheckpointError) else (
+                    f"converting {self.path} to DeepSpeed's universal format failed: {e}")
+                _write_text_atomically(failed, message)
+        else:
+            while not (self.path / UNIVERSAL_TAG).is_dir() and not failed.is_file():
+                time.sleep(poll_seconds)
+        message = failed.read_text() if failed.is_file() else ""
+        if dist.all_reduce_max(int(bool(message))):
+            written_by = self.trainer["identity"]["data_parallel_size"]
+            raise ConfigError(f"{message or 'rank 0 could not convert the checkpoint'}; resume on "
+                              f"{written_by} data-parallel ranks as it was written, or fix the cause and relaunch")
+
+    def set_aside_newer(self, output_dir: str | Path, *, is_main: bool) -> Path | None:
+        """Collective: move the run's checkpoints newer than this one (an abandoned trajectory: the run goes
+        on from an older checkpoint) to checkpoints/abandoned/<time>/; the directory, or None.
+
+        Left in place, rotation (by step number) would delete the new run's checkpoints in their favour,
+        and `resume: auto` would jump back to them. They are kept, never deleted: they may be wanted."""
+        failure, dest = "", None
+        if is_main:
+            step, here = self.trainer["step"], self.path.resolve()
+            newer = [p for p in step_dirs(output_dir) if p.resolve() != here
+                     and int(_STEP_DIR.match(p.name).group(1)) >= step]
+            if newer:
+                dest = Path(output_dir) / CHECKPOINTS / "abandoned" / time.strftime("%Y%m%d-%H%M%S")
+                try:
+                    dest.mkdir(parents=True, exist_ok=True)
+                    for p in newer:
+                        os.rename(p, dest / p.name)
+                except OSError as e:
+                    failure = f"{e.strerror or e}"
+        if dist.all_reduce_max(int(bool(failure))):
+            raise ConfigError(f"resuming from {self.path}: could not move the newer checkpoints of the abandoned "
+                              f"run aside to {dest or 'checkpoints/abandoned'} ({failure or 'on rank 0'}); move "
+                              "them out of output_dir/checkpoints yourself and relaunch")
+        return dest
+
 
 def run_identity(*, hf_config, task: str, num_labels: int | None, dtype: str, zero_stage: int,
-                 pipeline_stages: int, data_parallel_size: int) -> dict:
-    """What a checkpoint records about the run that wrote it, to refuse resuming a different one."""
+                 pipeline_stages: int, data_parallel_size: int, global_batch_size: int | None = None) -> dict:
+    """What a checkpoint records about the run that wrote it, to refuse resuming a different one, and the
+    global batch a resume keeps on any world size."""
     size = "/".join(f"{k}{getattr(hf_config, k)}" for k in ("vocab_size", "hidden_size", "num_hidden_layers", "n_embd",
                                                           "n_layer") if isinstance(getattr(hf_config, k, None), int))
     return {"model": f"{hf_config.model_type}/{size}", "task": task, "num_labels": num_labels, "dtype": dtype,
-            "zero_stage": zero_stage, "pipeline_stages": pipeline_stages, "data_parallel_size": data_parallel_size}
+            "zero_stage": zero_stage, "pipeline_stages": pipeline_stages, "data_parallel_size": data_parallel_size,
+            "global_batch_size": global_batch_size}
 
 
 def find_resume_point(output_dir: str, resume: str, identity: dict) -> ResumePoint | None:
@@ -206,6 +280,54 @@ def find_resume_point(output_dir: str, resume: str, identity: dict) -> ResumePoi
 
 
 # --------------------------------------------------------------------------------------------------
+# Resuming together (collectives: every rank calls these, in this order).
+
+
+def check_ranks_agree(resume: ResumePoint | None) -> None:
+    """Every rank resumes from the same checkpoint, or all stop with ConfigError naming what each saw.
+
+    Each rank picked its checkpoint from its own directory listing in preflight. Node-local output dirs,
+    a relative output_dir under another working directory, or NFS attribute caching after a requeue can
+    show ranks different steps: they would load different steps (a model stitched from two checkpoints)
+    or one would start fresh while the others load (a hang)."""
+    views = dist.all_gather_object(resume.view() if resume is not None else "nothing (no checkpoint found: a fresh start)")
+    if len(set(views)) == 1:
+        return
+    ranks_by_view: dict[str, list[int]] = {}
+    for r, view in enumerate(views):
+        ranks_by_view.setdefault(view, []).append(r)
+    seen = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs[:8]))}{', ...' if len(rs) > 8 else ''} "
+                     f"resume{'' if len(rs) > 1 else 's'} from {view}" for view, rs in ranks_by_view.items())
+    raise ConfigError(f"the ranks do not agree on the checkpoint to resume from: {seen}. Every rank must see the "
+                      "same output_dir: give it as an absolute path on a filesystem shared by all nodes (or "
+                      "train.resume the same checkpoint path everywhere)")
+
+
+def repair_zero3_universal_load(optimizer, weight_decays: list[float]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3) on the torch optimizer it wraps:
+    - every parameter group gets one shared `step` tensor, which AdamW then advances once per group at
+      each step: from the first step on, the bias correction is that of a later step (seen: the weights
+      off by 6e-5 after two steps at lr 1e-3);
+    - every group gets the first group's hyperparameters: biases and norms would get the weight decay.
+    `weight_decays`: each group's, read before the load."""
+    for group, decay in zip(optimizer.param_groups, weight_decays, strict=True):
+        group["weight_decay"] = decay
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
 # Per-rank state.
 
 
@@ -213,8 +335,8 @@ def rank_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a resume may see fewer devices per node
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -224,7 +346,12 @@ def restore_rank_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # written before: one state per device the rank saw
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def weights_are_finite(engine, zero_stage: int) -> bool:
@@ -267,6 +394,56 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(fh.fileno())
 
 
+class _RecordingCheckpointEngine:
+    """Stands in for DeepSpeed's checkpoint engine during one save. DeepSpeed's save_checkpoint runs
+    collectives between and after its writes (ZeRO-3 all-gathers its persistent parameters at the end):
+    a rank whose write raised would skip them while the others wait in them for good. A failed write is
+    recorded instead, the sequence runs to its end on every rank, and the outcome is agreed afterwards."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.written: list[str] = []
+        self.failure = ""
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure:
+            return  # the save has failed already: don't fill the disk further
+        try:
+            self.inner.save(state_dict, path)
+            self.written.append(str(path))
+        except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
+            reason = f"{e.strerror or e}" if isinstance(e, OSError) else str(e).splitlines()[0]
+            self.failure = f"cannot write {Path(path).name} ({reason}); is the disk full?"
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _written_files(tmp: Path, paths: list[str]) -> dict[str, int]:
+    """What this rank wrote (paths under `tmp`, with the sizes this rank sees)."""
+    files = {}
+    for p in paths:
+        f = Path(p)
+        for one in sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else [f]:
+            files[str(one.relative_to(tmp))] = one.stat().st_size
+    return files
+
+
+def unseen_files(tmp: Path, reports: list[dict[str, int]]) -> str:
+    """Rank 0's check that it sees every file each rank wrote ('' when it does). On nodes without a shared
+    filesystem the other nodes' ranks write into a `.tmp` of their own, and a manifest built from rank
+    0's view would publish a checkpoint without their shards."""
+    for rank, files in enumerate(reports):
+        for rel, size in files.items():
+            f = tmp / rel
+            seen = f.stat().st_size if f.is_file() else None
+            if seen != size:
+                what = "which rank 0 does not see" if seen is None else f"which rank 0 sees as {seen} bytes"
+                return (f"rank {rank} wrote {rel} ({size} bytes), {what}: checkpoints need a filesystem that every "
+                        f"rank shares; point output_dir at one (it is {tmp.parent.parent})")
+    return ""
+
+
 @dataclass
 class Checkpointer:
     output_dir: Path
@@ -279,8 +456,9 @@ class Checkpointer:
 
     def save(self, engine, step: int, *, zero_stage: int, trainer: dict, data: dict, model_config=None,
              tokenizer=None, trainable_only: bool = False) -> Path:
-        """`trainable_only`: leave out frozen weights (LoRA: the base model, which the run reloads)."""
-        """Collective: write a complete checkpoint or none at all; raises CheckpointError on every rank."""
+        """Collective: write a complete checkpoint or none at all; raises CheckpointError on every rank.
+
+        `trainable_only`: leave out frozen weights (LoRA: the base model, which the run reloads)."""
         if not weights_are_finite(engine, zero_stage):
             raise CheckpointError(f"not saving step {step}: the weights are not finite (the run diverged)")
         main = self.rank == 0
@@ -295,11 +473,24 @@ class Checkpointer:
                 failure = f"{tmp}: {e.strerror or e}"
         if dist.all_reduce_max(int(bool(failure))):
             raise CheckpointError(f"cannot save checkpoint {final}: {failure or 'directory not writable'}")
+        recorder = _RecordingCheckpointEngine(engine.checkpoint_engine)
+        engine.checkpoint_engine = recorder
         try:
             engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=trainable_only)
-        except (OSError, RuntimeError) as e:
-            failure = f"{e.strerror or e}" if isinstance(e, OSError) else str(e).splitlines()[0]
-            dist.barrier()  # the barrier DeepSpeed's save ends with, which this rank did not reach
+        except OSError as e:  # a write outside the checkpoint engine: NVMe swap files, rank 0's recovery script
+            failure = f"cannot write {Path(e.filename).name if e.filename else 'a file'} ({e.strerror or e})"
+            # Every such write comes after the last collective but these two, which this rank skipped.
+            if getattr(engine.optimizer, "checkpoint_event_epilogue", None) is not None:
+                engine.optimizer.checkpoint_event_epilogue()  # ZeRO-3: all-gathers the persistent parameters
+            dist.barrier()
+        finally:
+            engine.checkpoint_engine = recorder.inner
+        failure = recorder.failure or failure  # the first to fail
+        written = recorder.written
+        if engine.zero_nvme_offload_optimizer():  # DeepSpeed copies its swap files in with copytree
+            swap_rank = engine.local_rank if engine.use_node_local_storage() else engine.global_rank
+            written = [*written, str(tmp / DS_TAG / "offloaded_tensors" / f"rank{swap_rank:0>2d}")]
+        files: dict[str, int] = {}
         if not failure:
             try:
                 torch.save(rank_state(), tmp / f"rank_{self.rank:05d}.pt")
@@ -310,18 +501,26 @@ class Checkpointer:
                         model_config.save_pretrained(tmp / "hf")
                     if tokenizer is not None:
                         tokenizer.save_pretrained(tmp / "hf")
-            except OSError as e:
-                failure = f"{e.strerror or e}"
-        failed_ranks = dist.all_reduce_sum([1.0 if failure else 0.0])[0]
-        if failed_ranks:
+                files = _written_files(tmp, [*written, str(tmp / f"rank_{self.rank:05d}.pt")])
+            except (OSError, RuntimeError) as e:
+                failure = f"{e.strerror or e}" if isinstance(e, OSError) else str(e).splitlines()[0]
+        reports = dist.all_gather_object((failure, files))  # each rank's outcome and what it wrote
+        problem = "; ".join(f"rank {r}: {f}" for r, (f, _) in enumerate(reports) if f)
+        if main and not problem:
+            problem = unseen_files(tmp, [f for _, f in reports])
+            if not problem:
+                try:
+                    self._publish(tmp, final)
+                except CheckpointError as e:
+                    problem = f"rank 0: {e}"
+        problem = dist.all_gather_object(problem)[0]  # rank 0's verdict reaches every rank
+        if problem:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             dist.barrier()
-            where = f"rank {self.rank}: {failure}" if failure else f"{int(failed_ranks)} other rank(s)"
-            raise CheckpointError(f"saving checkpoint {final} failed ({where}); the previous checkpoints are intact")
-        if main:
-            self._publish(tmp, final)
-        dist.barrier()
+            if not main:  # without a shared filesystem this rank's files are in a .tmp of its own
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"saving checkpoint {final} failed ({problem}); the previous checkpoints are intact")
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -335,11 +534,97 @@ class Checkpointer:
             _fsync_dir(self.root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"publishing checkpoint {final} failed: {e.strerror or e}") from None
+            raise CheckpointError(f"publishing it failed: {e.strerror or e}") from None
         for old in step_dirs(self.output_dir)[: -self.keep_last] if self.keep_last > 0 else []:
             doomed = old.with_name(old.name + ".deleting")  # never looks like a checkpoint while half-deleted
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+LOCK = ".lock"
+_held_locks: dict[Path, Any] = {}  # output_dir -> its open lock file, held for the life of the process
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_is_gone(holder: dict) -> bool:
+    """Without flock: whether the job a lock file names has ended, as far as this host can tell."""
+    if not holder.get("pid"):
+        return True  # empty: released at exit
+    if holder.get("slurm_job_id") and holder.get("slurm_job_id") == os.environ.get("SLURM_JOB_ID"):
+        return True  # this same job, requeued: its earlier run is over
+    if holder.get("host") != socket.gethostname():
+        return False  # another host's process cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        pass
+    return False
+
+
+def take_output_dir_lock(output_dir: str | Path):
+    """Lock `output_dir/.lock` for this process (flock, released however the process ends) and write who
+    holds it; ConfigError naming the holder when another job has it. Returns the open lock file."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = False
+    except BlockingIOError:
+        busy = True
+    except OSError:  # flock unsupported here (some network filesystems): judge by the holder it names
+        busy = not _holder_is_gone(_lock_holder(path))
+    if busy:
+        holder = _lock_holder(path)
+        fh.close()
+        job = f" (Slurm job {holder['slurm_job_id']})" if holder.get("slurm_job_id") else ""
+        raise ConfigError(f"output_dir {out} is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+                          f"{job}, which holds {path}: wait for that run to end or stop it, or use another "
+                          f"output_dir (if it is gone and the lock file stays, delete {path})")
+    fh.seek(0)
+    fh.truncate()
+    json.dump({"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+               "time": time.time()}, fh)
+    fh.flush()
+    os.fsync(fh.fileno())
+    return fh
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Collective: rank 0 holds output_dir's lock for the rest of the run, so a second job on the same
+    directory cannot delete this one's saves in progress or cut its metrics back. On a conflict every rank
+    raises the same ConfigError."""
+    problem = ""
+    key = Path(output_dir).resolve()
+    if dist.rank() == 0 and key not in _held_locks:  # a second run in this process already holds it
+        try:
+            _held_locks[key] = take_output_dir_lock(output_dir)
+        except ConfigError as e:
+            problem = str(e)
+    problem = dist.all_gather_object(problem)[0]
+    if problem:
+        raise ConfigError(problem)
+
+
+@atexit.register
+def _release_locks() -> None:
+    """An empty lock file reads as free where flock is unsupported; a killed run is judged by its pid."""
+    for fh in _held_locks.values():
+        try:
+            fh.truncate(0)
+            fh.close()
+        except OSError:
+            pass
 
 
 def clean_leftovers(output_dir: str | Path) -> None:
@@ -376,6 +661,7 @@ def save_hf_model(module, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
     use_cache = getattr(config, "use_cache", None)
     if use_cache is not None:
         config.use_cache = True  # off for training only; generation wants it
+    stop_at_end_of_turn(module, tokenizer)
     try:
         module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=max_shard_size)
     finally:
@@ -384,6 +670,24 @@ def save_hf_model(module, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     return publish_dir(tmp, out)
+
+
+def stop_at_end_of_turn(module, tokenizer) -> None:
+    """A model prompted with its tokenizer's chat template must stop where the template ends a turn: the
+    generation config's eos_token_id gets the end-of-turn token(s) (e.g. <|im_end|>) beside the EOS."""
+    generation = getattr(module, "generation_config", None)  # None for models that do not generate
+    if generation is None or tokenizer is None:
+        return
+    from bigsft.data.tokenize import end_of_turn_ids
+
+    turn_ends = end_of_turn_ids(tokenizer)
+    if not turn_ends:
+        return
+    eos = generation.eos_token_id
+    current = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    ids = list(dict.fromkeys([*current, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []),
+                              *turn_ends]))
+    generation.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 def publish_dir(tmp: Path, out: Path) -> Path:

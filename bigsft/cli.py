@@ -45,7 +45,7 @@ def launchers_dir() -> str:
 def validate_command(argv: list[str]) -> int:
     from bigsft.config import load_config
     from bigsft.dist import read_launch_env
-    from bigsft.preflight import preflight
+    from bigsft.train import prepare
 
     args, opts = _options(argv, {"--world-size": None})
     world_size = opts["--world-size"]
@@ -57,11 +57,21 @@ def validate_command(argv: list[str]) -> int:
     env = None
     if world_size is not None:
         env = {"RANK": "0", "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"}
-    pre = preflight(cfg, read_launch_env(env))
+    # Every check `bigsft train` makes before it starts a process group: config, environment, tokenizer,
+    # the data scan, the run length.
+    prepared = prepare(cfg, read_launch_env(env))
+    pre = prepared.pre
     print(f"config ok: {args[0]}")
     print(f"batch: {pre.batch.describe(f'rows of {cfg.data.max_length}' if cfg.data.packing else 'samples')}")
+    for split, stats in prepared.plan.scanned.items():
+        print(f"data.{split}: the first {stats.records} records scanned, {stats.samples} usable, {stats.bad} skipped"
+              + (f", {stats.truncated} truncated" if stats.truncated else ""))
+        for line in stats.first_bad:
+            print(f"  skipped {line}")
+    print(f"steps: {prepared.total_steps}" + (f", resuming at {pre.resume.trainer['step']} from {pre.resume.path}"
+                                               if pre.resume else ""))
     print(f"deepspeed: {pre.ds_label} (ZeRO-{pre.zero_stage}, optimizer offload {pre.offload_optimizer})")
-    print(json.dumps(pre.ds, indent=2))
+    print(json.dumps(pre.resolved_ds(prepared.total_steps), indent=2))
     return 0
 
 
@@ -173,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(rest)
         raise ConfigError(f"unknown command {command!r}\n{USAGE}")
     except ConfigError as e:
+        print(f"bigsft: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # bad data found by a scan (DataError) is a user error too, never a traceback
+        from bigsft.data.sources import DataError
+
+        if not isinstance(e, DataError):
+            raise
         print(f"bigsft: error: {e}", file=sys.stderr)
         return 2
 

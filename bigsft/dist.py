@@ -169,6 +169,13 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
+def fp16_supported() -> bool:
+    """Whether the accelerator trains in fp16: DeepSpeed's own test, which its engine applies at start."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -218,6 +225,17 @@ def all_reduce_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_gather_object(value) -> list:
+    """Every rank's `value` (small and picklable: a message, a file listing), in rank order."""
+    import torch.distributed as dist
+
+    if _initialized_world() == 1:
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def all_reduce_tensor(t):

@@ -164,8 +164,20 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str = "cuda") -> dict:
-    """A copy of `raw` with every "auto" filled from `run`; raises ConfigError listing all conflicts."""
+# The fields of DeepSpeed's LR schedulers that bigsft's train.* settings decide.
+SCHEDULER_RUN_FIELDS = {
+    "WarmupLR": ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps"),
+    "WarmupDecayLR": ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps"),
+    "WarmupCosineLR": ("warmup_num_steps", "total_num_steps", "cos_min_ratio"),
+}
+
+
+def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str = "cuda",
+                      fp16_kernels: bool | None = None) -> dict:
+    """A copy of `raw` with every "auto" filled from `run`; raises ConfigError listing all conflicts.
+
+    `fp16_kernels`: whether the accelerator trains in fp16 (DeepSpeed's `is_fp16_supported`); by default
+    every accelerator but the CPU."""
     ds = copy.deepcopy(raw)
     f = _Filler(ds, label)
     batch_math = (
@@ -189,6 +201,10 @@ def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str
     scheduler = ds.get("scheduler")
     if isinstance(scheduler, dict):
         params = scheduler.setdefault("params", {})
+        # A field the JSON leaves out would take DeepSpeed's default (a peak LR of 1e-3, 1000 warmup steps),
+        # not the run's: bigsft fills it as if it were "auto".
+        for key in SCHEDULER_RUN_FIELDS.get(scheduler.get("type"), ()):
+            params.setdefault(key, AUTO)
         if "warmup_max_lr" in params:
             f.fill(params, "warmup_max_lr", run.lr, run_key="train.lr", where="scheduler.params.")
         f.fill_if_auto(params, "warmup_min_lr", 0.0)
@@ -205,8 +221,9 @@ def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str
     leftover = _find_auto(ds)
     for path in leftover:
         f.errors.append(f"deepspeed: {label}: {path} is \"auto\" but bigsft has no value for it; set it explicitly")
-    if run.dtype == "fp16" and accelerator == "cpu":
-        f.errors.append("model.dtype: fp16 does not train on CPU (no fp16 kernels); use fp32 or bf16")
+    if run.dtype == "fp16" and not (accelerator != "cpu" if fp16_kernels is None else fp16_kernels):
+        f.errors.append(f"model.dtype: fp16 does not train on {accelerator.upper()} (no fp16 kernels); "
+                        "use fp32 or bf16")
     if f.errors:
         raise ConfigError(f.errors)
     return ds
@@ -272,6 +289,11 @@ def _fill_zero(ds: dict, f: _Filler, run: RunValues) -> None:
         f.errors.append(
             f"deepspeed: {f.label}: offload_param needs ZeRO stage 3, the JSON has stage {stage}; "
             "use ds_configs/zero3_offload.json"
+        )
+    if run.pipeline_stages > 1 and run.dtype == "fp16":
+        f.errors.append(
+            "model.dtype: fp16 under pipeline parallelism is not supported; use bf16, or pipeline.stages=1 "
+            "with ZeRO (at ZeRO-0 DeepSpeed's pipeline engine never hands its fp16 optimizer a scaled loss)"
         )
     if run.pipeline_stages > 1 and stage > 1:
         f.errors.append(

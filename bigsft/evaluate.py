@@ -62,19 +62,29 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     }
 
 
+class EvalInterrupted(Exception):
+    """A stop signal reached some rank during an eval: every rank left it at the same batch."""
+
+
 @torch.no_grad()
 def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
-             device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None) -> dict[str, float]:
+             device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None,
+             stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """Metrics over all ranks' batches. Ranks run the same number of forward passes (ZeRO-3 gathers
     parameters collectively): a rank out of batches runs `dummy`, which counts for nothing, until
-    every rank is done."""
+    every rank is done. `stop_requested` (a stop signal) is polled before every batch, in the same
+    collective: an eval longer than a signal's lead time must not cost the save."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     count = 0
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None
     it = iter(batches)
     while True:
         batch = next(it, None)
-        if dist.all_reduce_max(int(batch is not None)) == 0:
+        stop = 2 if stop_requested is not None and stop_requested() else 0
+        flags = dist.all_reduce_max(int(batch is not None) | stop)  # >= 2: some rank was asked to stop
+        if flags >= 2:
+            raise EvalInterrupted
+        if flags == 0:
             break
         real = batch is not None
         loss, logits = summed_loss(model, (batch if real else dummy).to(device), causal=causal, head=head)

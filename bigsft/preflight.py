@@ -36,12 +36,21 @@ class BatchMath:
                    f"{self.data_parallel_size} data-parallel)" if self.pipeline_stages > 1 else ""))
 
 
-def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int) -> tuple[BatchMath | None, list[str]]:
+def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int,
+               saved_global_batch: int | None = None) -> tuple[BatchMath | None, list[str]]:
+    """`saved_global_batch`: the global batch of the checkpoint this run resumes. It is kept on any world
+    size, so every step trains on the samples it would have (accumulation is derived again), and a config
+    that asks for another global batch is refused rather than silently changing the run."""
     if world_size % pipeline_stages:
         return None, [f"pipeline.stages: {pipeline_stages} does not divide the world size {world_size}"]
     dp = world_size // pipeline_stages
     micro, accum, target = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
     per_accum_step = micro * dp
+    if saved_global_batch is not None:
+        problem = _kept_batch_problem(micro, accum, target, dp, saved_global_batch)
+        if problem:
+            return None, [problem]
+        target = saved_global_batch
     if target is not None:
         if accum is None:
             if target % per_accum_step:
@@ -58,6 +67,25 @@ def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int) -> tup
     math = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=accum or 1, data_parallel_size=dp,
                      pipeline_stages=pipeline_stages, world_size=world_size)
     return math, []
+
+
+def _kept_batch_problem(micro: int, accum: int | None, target: int | None, dp: int, saved: int) -> str | None:
+    per_accum_step = micro * dp
+    if target is not None and target != saved:
+        return (f"train.global_batch_size: {target}, but the checkpoint was trained with global batch {saved}: a "
+                f"resumed run keeps its global batch; set train.global_batch_size={saved} or leave it unset, or "
+                "start a new run in another output_dir")
+    if accum is not None and accum * per_accum_step != saved:
+        fix = (f"set train.gradient_accumulation_steps={saved // per_accum_step} or leave it unset"
+               if saved % per_accum_step == 0 else "change train.micro_batch_size or the world size")
+        return (f"train.gradient_accumulation_steps: {accum} makes micro {micro} × {accum} × data-parallel world "
+                f"{dp} = {accum * per_accum_step} per step, but the checkpoint was trained with global batch "
+                f"{saved}; {fix} to keep it, or start a new run in another output_dir")
+    if saved % per_accum_step:
+        return (f"this run resumes a checkpoint trained with global batch {saved} per step, which "
+                f"train.micro_batch_size {micro} × data-parallel world {dp} = {per_accum_step} does not divide; "
+                "resume on a world size (or with a micro batch) that divides it")
+    return None
 
 
 def run_values(cfg: RunConfig, batch: BatchMath, *, hidden_size: int | None, total_steps: int | None) -> RunValues:
@@ -82,6 +110,7 @@ class Preflight:
     ds: dict
     hf_config: object
     accelerator: str
+    fp16_kernels: bool
     identity: dict
     resume: ResumePoint | None
 
@@ -96,7 +125,8 @@ class Preflight:
     def resolved_ds(self, total_steps: int) -> dict:
         """The DeepSpeed dict once the total number of steps is known (it fills schedule fields)."""
         values = run_values(self.cfg, self.batch, hidden_size=_hidden_size(self.hf_config), total_steps=total_steps)
-        ds = resolve_ds_config(self.ds_raw, self.ds_label, values, accelerator=self.accelerator)
+        ds = resolve_ds_config(self.ds_raw, self.ds_label, values, accelerator=self.accelerator,
+                               fp16_kernels=self.fp16_kernels)
         if self.resume is not None and self.resume.universal:
             ds.setdefault("checkpoint", {})["load_universal"] = True
         return ds
@@ -125,11 +155,12 @@ def _output_dir_problem(output_dir: str) -> str | None:
 def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
     """All environment checks; raises one ConfigError listing every problem."""
     from bigsft.data.sources import list_files
-    from bigsft.dist import accelerator_name
+    from bigsft.dist import accelerator_name, fp16_supported
     from bigsft.model import load_hf_config, task_problems
 
     errors: list[str] = []
     accelerator = accelerator_name()
+    fp16_kernels = fp16_supported()
     batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages)
     errors += problems
 
@@ -159,7 +190,7 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
         ds_raw, ds_label = load_ds_config(cfg.deepspeed)
         if batch is not None:
             values = run_values(cfg, batch, hidden_size=_hidden_size(hf_config), total_steps=cfg.train.max_steps)
-            ds = resolve_ds_config(ds_raw, ds_label, values, accelerator=accelerator)
+            ds = resolve_ds_config(ds_raw, ds_label, values, accelerator=accelerator, fp16_kernels=fp16_kernels)
     except ConfigError as e:
         errors += e.problems
     if cfg.model.dtype == "bf16" and accelerator == "cuda":
@@ -183,13 +214,17 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
         identity = run_identity(
             hf_config=hf_config, task=m.task, num_labels=m.num_labels or (len(m.labels) if m.labels else None),
             dtype=m.dtype, zero_stage=zero_stage(ds), pipeline_stages=cfg.pipeline.stages,
-            data_parallel_size=batch.data_parallel_size,
+            data_parallel_size=batch.data_parallel_size, global_batch_size=batch.global_batch_size,
         )
         try:
             resume = find_resume_point(cfg.output_dir, cfg.train.resume, identity)
         except ConfigError as e:
             errors += e.problems
+        if resume is not None and resume.global_batch_size is not None:
+            batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages, resume.global_batch_size)
+            errors += problems
+            identity["global_batch_size"] = resume.global_batch_size
     if errors:
         raise ConfigError(errors)
     return Preflight(cfg=cfg, launch=launch, batch=batch, ds_raw=ds_raw, ds_label=ds_label, ds=ds,
-                     hf_config=hf_config, accelerator=accelerator, identity=identity, resume=resume)
+                     hf_config=hf_config, accelerator=accelerator, fp16_kernels=fp16_kernels, identity=identity, resume=resume)

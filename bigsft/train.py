@@ -20,7 +20,9 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bigsft import dist, tracking
 from bigsft.checkpoint import (
@@ -28,8 +30,11 @@ from bigsft.checkpoint import (
     UNIVERSAL_TAG,
     Checkpointer,
     CheckpointError,
+    check_ranks_agree,
     clean_leftovers,
     export_engine,
+    lock_output_dir,
+    repair_zero3_universal_load,
     restore_rank_state,
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
@@ -172,6 +177,51 @@ def grad_norm_of(module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def skip_non_finite_steps(optimizer) -> None:
+    """Make `optimizer.step` leave weights and state alone when a gradient is not finite, and set
+    `optimizer.overflow`, which DeepSpeed's engine reads to skip the LR schedule and report the skip. For an
+    optimizer built by DeepSpeed from the JSON at ZeRO-0 in fp32, where no DeepSpeed wrapper checks."""
+    import torch
+
+    step = optimizer.step
+
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        optimizer.overflow = bool(grads) and not all(bool(torch.isfinite(g).all()) for g in grads)
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.step = checked_step
+
+
+def fp16_scaled_by_caller(engine) -> bool:
+    """DeepSpeed's ZeRO-0 fp16 optimizers divide the gradients by their loss scale in `step`, but
+    `engine.backward` multiplies the loss by it only for ZeRO optimizers. Without the caller's factor every
+    update would be 1/scale of what it should be, and clipping would never engage."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer))
+
+
+def undo_fp16_init_step(engine) -> None:
+    """DeepSpeed's ZeRO-0 fp16 optimizers create their state by running the wrapped optimizer once on zero
+    gradients. For AdamW that is a real step: the fp32 master weights take one weight decay, and Adam's
+    step count starts at 1, so every bias correction is off by a step (the first update is 0.74 of what it
+    should be). Put the master weights back to the model's and let the optimizer start from no state."""
+    opt = engine.optimizer
+    pairs = (zip(opt.fp32_groups_flat, opt.fp16_groups_flat) if hasattr(opt, "fp32_groups_flat")
+             else ((m, w) for masters, weights in zip(opt.fp32_groups, opt.fp16_groups)
+                   for m, w in zip(masters, weights)))
+    for master, weight in pairs:
+        master.data.copy_(weight.data)
+    opt.optimizer.state.clear()
+
+
+def fp16_loss_scale(engine) -> float | None:
+    """The fp16 loss scale in force for the next step; None when not training in fp16."""
+    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
 
@@ -233,16 +283,65 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[str, float]:
+@dataclass(frozen=True)
+class Prepared:
+    """Everything known and checked before a process group exists: what `bigsft validate` reports and
+    what `train` starts from. Both go through `prepare`, so validate refuses exactly what train refuses."""
+
+    pre: Preflight
+    tokenizer: Any
+    plan: DataPlan
+    total_steps: int
+
+
+def prepare(cfg: RunConfig, launch) -> Prepared:
+    """Config, environment, tokenizer, data scan and run length; DataError / ConfigError (exit 2) on any
+    problem, before any process group or model exists."""
+    from bigsft.model import build_tokenizer
+
+    pre = preflight(cfg, launch)
+    tokenizer = build_tokenizer(cfg.model)
+    if pre.batch.pipeline_stages > 1 and len(tokenizer) > pre.hf_config.vocab_size:
+        raise ConfigError("model.tokenizer: it needed a new <pad> token the checkpoint's embedding lacks; under "
+                          "pipeline parallelism give the tokenizer a pad, eos or unk token")
+    plan = plan_data(cfg.data, cfg.model, tokenizer)
+    return Prepared(pre=pre, tokenizer=tokenizer, plan=plan, total_steps=total_optimizer_steps(pre, plan, tokenizer))
+
+
+def total_optimizer_steps(pre: Preflight, plan: DataPlan, tokenizer) -> int:
+    """train.max_steps; on resume, the original run's length; else epochs × the first epoch's windows."""
+    t, d, bm = pre.cfg.train, pre.cfg.data, pre.batch
+    if t.max_steps:
+        return t.max_steps
+    if pre.resume is not None:
+        return pre.resume.trainer["total_steps"]  # the sizing pass of the original run
+    # A sizing pass over the first epoch of the global stream (the same for every rank), which also counts
+    # every unusable record before training starts.
+    sizing = SplitStats()
+    stream = train_stream(d, plan, sizing, seed=t.seed, dp_rank=0, dp_size=bm.data_parallel_size,
+                          micro_batch_size=bm.micro_batch_size, accumulation=bm.gradient_accumulation_steps,
+                          pad_id=tokenizer.pad_token_id)
+    steps_per_epoch = windows_in_first_epoch(stream)
+    message = too_many_bad("train", sizing.records, sizing.bad, d.max_bad_fraction, sizing)
+    if message:
+        raise DataError(message)
+    if steps_per_epoch < 1:
+        raise DataError(f"data.train: an epoch holds less than one global batch ({bm.describe()}); "
+                        "add data or shrink the batch")
+    return t.epochs * steps_per_epoch
+
+
+def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     """Run training; returns the final eval metrics (empty without eval data)."""
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
     from transformers.integrations import HfDeepSpeedConfig
 
-    from bigsft.evaluate import evaluate, summed_loss
+    from bigsft.evaluate import EvalInterrupted, evaluate, summed_loss
     from bigsft.model import build_model, count_parameters, trained_positions_head
 
+    pre, tokenizer, plan, total_steps = prepared.pre, prepared.tokenizer, prepared.plan, prepared.total_steps
     cfg, launch, bm = pre.cfg, pre.launch, pre.batch
     t, d = cfg.train, cfg.data
     causal = cfg.model.task == "causal_lm"
@@ -252,6 +351,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     resume = pre.resume
 
     dist.init_process_group(launch)
+    check_ranks_agree(resume)  # each rank chose it from its own view of the filesystem
+    lock_output_dir(out_dir)  # before anything reads or writes output_dir for this run
     tracking.quiet_libraries(is_main)
     seed_everything(t.seed)
 
@@ -260,22 +361,6 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
                             micro_batch_size=bm.micro_batch_size, accumulation=bm.gradient_accumulation_steps,
                             pad_id=tokenizer.pad_token_id)
 
-    if t.max_steps:
-        total_steps = t.max_steps
-    elif resume is not None:
-        total_steps = resume.trainer["total_steps"]  # the sizing pass of the original run
-    else:
-        # Epochs need the epoch's length in optimizer steps: a sizing pass over the first epoch (the same
-        # on every rank), which also counts every unusable record before training starts.
-        sizing = SplitStats()
-        steps_per_epoch = windows_in_first_epoch(new_stream(sizing))
-        message = too_many_bad("train", sizing.records, sizing.bad, d.max_bad_fraction, sizing)
-        if message:
-            raise DataError(message)
-        if steps_per_epoch < 1:
-            raise DataError(f"data.train: an epoch holds less than one global batch ({bm.describe()}); "
-                            "add data or shrink the batch")
-        total_steps = t.epochs * steps_per_epoch
     ds = pre.resolved_ds(total_steps)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,9 +375,6 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         from bigsft import pipeline
         from bigsft.model import DTYPE_NAMES, resolve_model_path
 
-        if len(tokenizer) > pre.hf_config.vocab_size:
-            raise ConfigError("model.tokenizer: it needed a new <pad> token the checkpoint's embedding lacks; under "
-                              "pipeline parallelism give the tokenizer a pad, eos or unk token")
         model, pipe_loss, _ = pipeline.build_pipeline(
             pre.hf_config, resolve_model_path(cfg.model.name_or_path), stages=bm.pipeline_stages,
             partition=cfg.pipeline.partition, activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
@@ -301,7 +383,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
 
         setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
     else:
-        model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label)
+        model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label, seed=t.seed)
     head = trained_positions_head(model, pre.hf_config) if causal and not pipe else None
     total_params, trainable_params = count_parameters(model)
     if pipe:  # each stage counted its own layers
@@ -327,7 +409,16 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     # LoRA on pretrained weights: checkpoints hold only the adapter; every start reloads the frozen base.
     lora_reloads_base = cfg.model.lora is not None and cfg.model.name_or_path is not None
     device = get_accelerator().current_device_name()
-    zero0_fp32 = pre.zero_stage == 0 and cfg.model.dtype == "fp32"
+    # ZeRO-0 keeps no usable norm in fp32 (none) or fp16 (a loss-scaled one): the loop measures it itself.
+    own_grad_norm = pre.zero_stage == 0 and cfg.model.dtype in ("fp32", "fp16")
+    caller_scales_fp16 = fp16_scaled_by_caller(engine)
+    if "optimizer" in ds and pre.zero_stage == 0 and cfg.model.dtype == "fp32" and not pipe:
+        skip_non_finite_steps(engine.optimizer)  # the JSON's optimizer, which nothing else checks at ZeRO-0
+    if caller_scales_fp16:
+        undo_fp16_init_step(engine)
+    fp16 = ds.get("fp16", {})
+    # A skip at the scaler's floor (or with a static scale) cannot be an fp16 warm-up: it counts as divergence.
+    min_loss_scale = float(fp16.get("min_loss_scale", 1) if not fp16.get("loss_scale") else fp16["loss_scale"])
 
     # Resume: engine state, then counters, data position, and each rank's random generators last, so
     # nothing consumes randomness between them and the first step.
@@ -338,13 +429,19 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         load_dir, tag = resume.path, DS_TAG
         if resume.universal:  # another data-parallel world size: DeepSpeed's universal format reshards
             tag = UNIVERSAL_TAG
-            if is_main:
-                resume.convert_to_universal()
-            dist.barrier()
+            resume.prepare_universal(is_main=is_main)
+        inner_optimizer = getattr(engine.optimizer, "optimizer", None)
+        weight_decays = [g["weight_decay"] for g in inner_optimizer.param_groups] if inner_optimizer else []
         loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not lora_reloads_base,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:  # DeepSpeed returns None instead of failing: never a silent fresh start
             raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+        if resume.universal and pre.zero_stage == 3:
+            repair_zero3_universal_load(inner_optimizer, weight_decays)
+        abandoned = resume.set_aside_newer(out_dir, is_main=is_main)
+        if abandoned is not None:
+            tracking.info(f"resuming from an older checkpoint: moved the abandoned run's newer checkpoints "
+                          f"({', '.join(sorted(p.name for p in abandoned.iterdir()))}) to {abandoned}", enabled=is_main)
         data_state = json.loads((resume.path / "data.json").read_text())
         stream.load_state_dict(data_state["stream"])
         stats.load_state_dict(data_state["stats"])
@@ -391,22 +488,29 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
     dummy = dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id)
     num_labels = len(plan.id2label) if plan.id2label else None
 
-    def run_eval(step: int) -> dict[str, float]:
+    def run_eval(step: int) -> dict[str, float] | None:
+        """The eval's metrics, logged; None when a stop signal cut it short (the caller saves and stops)."""
         engine.eval()
         batches = eval_batches(d, plan, eval_stats, dp_rank=dp_rank, dp_size=bm.data_parallel_size,
                                micro_batch_size=eval_micro, pad_id=tokenizer.pad_token_id)
-        if pipe:
-            metrics = pipeline_evaluate(engine, pipe_loss, list(batches), dummy, bm)
-        else:
-            metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy,
-                               head=head)
-        engine.train()
+        try:
+            if pipe:
+                metrics = pipeline_evaluate(engine, pipe_loss, list(batches), dummy, bm)
+            else:
+                metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device,
+                                   dummy=dummy, head=head, stop_requested=lambda: stop.requested)
+        except EvalInterrupted:
+            tracking.info(f"[yellow]eval at step {step} cut short by a stop signal[/]", enabled=is_main)
+            return None
+        finally:
+            engine.train()
         tracker.log({"step": step, **metrics})
         return metrics
 
     def save(step: int) -> None:
         trainer_state = {"step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
-                         "skipped_steps": skipped_steps, "tracking_run_id": tracker.run_id, "identity": pre.identity}
+                         "skipped_steps": skipped_steps, "tracking_run_id": tracker.run_id, "identity": pre.identity,
+                         "last_eval_step": last_eval_step}
         if lora_reloads_base:  # what `bigsft export` needs to rebuild the model around the saved adapter
             from bigsft.model import resolve_model_path
 
@@ -419,14 +523,16 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         tracking.info(f"saved {path}", enabled=is_main)
 
     results: dict[str, dict[str, float]] = {}
+    last_eval_step = last_save_step = start_step if resume else -1
+    if resume:  # an eval that a stop signal cut short is run again at the end
+        last_eval_step = resume.trainer.get("last_eval_step", start_step)
     if d.eval and t.eval_at_start and resume is None:
-        results["before training"] = run_eval(0)
+        results["before training"] = run_eval(0) or {}
 
     engine.train()
     pending_loss = torch.zeros((), dtype=torch.float64)
     pending = {"targets": 0.0, "tokens": 0.0, "positions": 0.0, "samples": 0.0, "flops": 0.0}
     skipped_in_a_row = 0
-    last_eval_step = last_save_step = start_step if resume else -1
     grad_norm = None
     clock = time.perf_counter()
     for step in range(start_step, total_steps):
@@ -444,8 +550,9 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
         global_targets, global_tokens, global_positions, global_samples, global_pairs = (
             x / bm.pipeline_stages for x in dist.all_reduce_sum(local))
         lr = engine.get_lr()[0]
+        loss_scale = fp16_loss_scale(engine)
         window_loss = torch.zeros((), dtype=torch.float64)
-        applied = True
+        applied = stepped = True
         if global_targets > 0 and pipe:
             # The last stage's loss is sum-of-losses × dp × micro-batches / trained tokens of the global batch:
             # DeepSpeed divides by both, leaving the token-weighted loss. Every rank gets that loss back; the
@@ -454,23 +561,29 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
                                             * bm.gradient_accumulation_steps / global_targets)
             window_loss += step_loss * global_targets / launch.world_size
             grad_norm = _norm(engine)
-            applied = engine.was_step_applied()
-        elif global_targets > 0:  # a window without one trained token (all masked) is skipped, never NaN
+            applied = stepped = engine.was_step_applied()
+        elif global_targets > 0:  # never 0 (a sample without a trained token is a bad record): a guard, not NaN
             # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
             # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
             scale = bm.data_parallel_size / global_targets
+            caller_scale = loss_scale if caller_scales_fp16 else 1.0
             for i, micro in enumerate(window):
                 loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal, head=head)
-                engine.backward(loss_sum * scale, scale_wrt_gas=False)
+                engine.backward(loss_sum * (scale * caller_scale), scale_wrt_gas=False)
                 window_loss += loss_sum.detach().double().cpu()
-                if zero0_fp32 and i == len(window) - 1:
-                    grad_norm = grad_norm_of(engine.module)
+                if own_grad_norm and i == len(window) - 1:
+                    grad_norm = grad_norm_of(engine.module) / caller_scale
                 engine.step()
-            if not zero0_fp32:
+            if not own_grad_norm:
                 grad_norm = _norm(engine)
             # A non-finite loss or gradient on any rank makes every rank's reduced gradient non-finite,
             # and DeepSpeed (or SkippingAdamW under ZeRO-0) then skips the update on every rank alike.
-            applied = engine.was_step_applied()
+            applied = stepped = engine.was_step_applied()
+        else:  # a window without one trained token: no update, but the step counts
+            stepped = False
+        if not stepped and engine.lr_scheduler is not None:
+            # DeepSpeed steps the LR schedule only with an update; keep it on bigsft's step counter.
+            engine.lr_scheduler.step()
         done = step + 1
         if applied:
             skipped_in_a_row = 0
@@ -479,13 +592,20 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             trained_tokens += int(global_targets if causal else global_tokens)
         else:
             skipped_steps += 1
-            skipped_in_a_row += 1
-            tracking.info(f"[red]step {done} skipped[/]: non-finite loss or gradient", enabled=is_main)
+            loss_finite = not dist.all_reduce_max(int(not math.isfinite(float(window_loss))))
+            if loss_scale is not None and loss_finite and loss_scale > min_loss_scale:
+                # An fp16 overflow: the scaler lowers its scale and the run goes on (a normal warm-up).
+                tracking.info(f"[yellow]step {done} skipped[/]: fp16 gradient overflow at loss scale "
+                              f"{loss_scale:g}, now {fp16_loss_scale(engine):g}", enabled=is_main)
+            else:
+                skipped_in_a_row += 1
+                tracking.info(f"[red]step {done} skipped[/]: non-finite loss or gradient", enabled=is_main)
             if skipped_in_a_row >= t.max_skipped_steps:
                 tracker.close()
-                raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                               f"(train.max_skipped_steps={t.max_skipped_steps}), the last at step {done}; "
-                               "lower train.lr, check the data, or resume from an earlier checkpoint")
+                floor = f" or fp16 overflows at the minimum loss scale {min_loss_scale:g}" if loss_scale else ""
+                raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient"
+                               f"{floor} (train.max_skipped_steps={t.max_skipped_steps}), the last at step "
+                               f"{done}; lower train.lr, check the data, or resume from an earlier checkpoint")
         pending["tokens"] += global_tokens
         pending["positions"] += global_positions
         pending["samples"] += global_samples
@@ -508,6 +628,7 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
                 "mfu": tflops / peak if peak else None,
                 "data/efficiency": pending["tokens"] / max(pending["positions"], 1.0),
                 "data/skipped": stats.bad, "data/truncated": stats.truncated, "skipped_steps": skipped_steps,
+                **({"loss_scale": fp16_loss_scale(engine)} if loss_scale is not None else {}),
                 **tracking.memory_gb(),
             }
             drawn = stream.mixed.drawn
@@ -517,8 +638,8 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             pending_loss.zero_()
             pending = dict.fromkeys(pending, 0.0)
             clock = time.perf_counter()
-        if d.eval and t.eval_every and done % t.eval_every == 0:
-            results["after training"] = run_eval(done)
+        if d.eval and t.eval_every and done % t.eval_every == 0 and (metrics := run_eval(done)) is not None:
+            results["after training"] = metrics
             last_eval_step = done
             clock = time.perf_counter()
         if t.save_every and done % t.save_every == 0 and done != total_steps:
@@ -527,7 +648,15 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
             clock = time.perf_counter()
 
     if d.eval and last_eval_step != total_steps:
-        results["after training"] = run_eval(total_steps)
+        metrics = run_eval(total_steps)
+        if metrics is None:  # a stop signal during the final eval: save, and the relaunch evaluates
+            if last_save_step != total_steps:
+                save(total_steps)
+            tracker.close()
+            raise StoppedAndSaved(f"stopped by a signal at step {total_steps} during the final eval; checkpoint "
+                                  "saved, relaunch to evaluate and export")
+        results["after training"] = metrics
+        last_eval_step = total_steps
     if last_save_step != total_steps:
         save(total_steps)
     if pipe:
@@ -543,15 +672,10 @@ def train(pre: Preflight, tokenizer, plan: DataPlan, stop: StopRequest) -> dict[
 
 def run(config: str | None, overrides: list[str], local_rank: int | None = None) -> dict[str, float]:
     """Load and check everything, then train. Raises ConfigError before anything starts."""
-    from bigsft.model import build_tokenizer
-
-    cfg = load_config(config, overrides)
-    pre = preflight(cfg, dist.read_launch_env(local_rank_arg=local_rank))
-    tokenizer = build_tokenizer(cfg.model)
-    plan = plan_data(cfg.data, cfg.model, tokenizer)
+    prepared = prepare(load_config(config, overrides), dist.read_launch_env(local_rank_arg=local_rank))
     with StopRequest() as stop:
         try:
-            return train(pre, tokenizer, plan, stop)
+            return train(prepared, stop)
         finally:
             dist.destroy_process_group()
 

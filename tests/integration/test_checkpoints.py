@@ -10,6 +10,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -299,3 +300,135 @@ def test_full_disk_stops_every_rank_with_the_previous_checkpoint_intact(ckpt_con
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in ranks)
     assert verify(first)["step"] == 40
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000040"]  # no .tmp left
+
+
+@pytest.fixture(scope="module")
+def world_config(tmp_path_factory, llama_dir) -> Path:
+    """No dropout, and no accumulation or global batch in the config: the world size alone sets the batch."""
+    d = tmp_path_factory.mktemp("world")
+    train = tiny.write_jsonl(d / "train.jsonl", tiny.alpaca_records(200, seed=9))
+    return causal_config(d, llama_dir, train, max_steps=4, save_every=2, micro_batch_size=2,
+                         lr_schedule="constant", warmup_steps=0)
+
+
+# With dropout off, 2 ranks × 1 micro-batch and 1 rank × 2 micro-batches compute the same global batch
+# gradient; only the order of the float32 reductions differs (an all-reduce of two halves against one
+# running sum), about 1e-7 relative per step. Adam divides by sqrt(v) and so amplifies that noise on
+# near-zero gradient elements; over two steps it stays below 2e-6 in loss and grad norm (seen: at most
+# 5e-7 under ZeRO-1, ZeRO-3 and LoRA). A batch that changed with the world size (half the samples per
+# step) moved the loss by 2e-2 and the grad norm by 0.4; ZeRO-3's shared Adam step counter, 2.5e-5 and 1e-4.
+WORLD_TOLERANCE = 2e-6
+
+
+@pytest.mark.parametrize("variant", ["zero1", "zero3", "zero2_lora"])
+def test_world_size_change_keeps_the_global_batch(variant, world_config, tmp_path):
+    # 2 ranks (accumulation unset: global batch 2 × 2 = 4) to step 4, saving at 2; 1 rank resumes step 2
+    # (universal conversion) and must re-derive accumulation 2 to keep the batch of 4.
+    # ZeRO-3 with weight decay: DeepSpeed's universal load gives every group the first one's (see
+    # checkpoint.repair_zero3_universal_load).
+    ds, *extra = {"zero1": ["zero1"], "zero3": ["zero3", "train.weight_decay=0.1"],
+                  "zero2_lora": ["zero2", "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.lr=1e-2"]}[variant]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    check(launch([str(world_config), f"output_dir={reference}", f"deepspeed={ds}", *extra], nproc=2))
+    one = check(launch([str(world_config), f"output_dir={out}", f"deepspeed={ds}", *extra,
+                        f"train.resume={reference}/checkpoints/step_00000002"], launcher="plain"))
+    assert "converted from 2 data-parallel ranks" in one.stdout
+    assert "micro 2 × accumulation 2 × data-parallel 1 = global 4" in one.stdout
+    got = [r for r in read_metrics(out) if "loss" in r]
+    want = [r for r in read_metrics(reference) if "loss" in r][2:]
+    assert [r["step"] for r in got] == [3, 4]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=WORLD_TOLERANCE), key
+
+
+def launch_ranks(per_rank_args: list[list[str]], logs: Path, timeout: float = 240) -> list[tuple[int, str]]:
+    """Each rank a plain process with arguments of its own, as ranks on different nodes are started: the
+    world meets through RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Every process is killed on a timeout."""
+    from bigsft.dist import free_port
+
+    port, world = str(free_port()), len(per_rank_args)
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank, argv in enumerate(per_rank_args):
+        env = launch_env({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                          "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        with open(logs / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(launch_command(argv, launcher="plain"), env=env, cwd=REPO, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        raise AssertionError(f"ranks still running after {timeout:.0f} s (a hang); killed. Exit codes: "
+                             f"{[p.returncode for p in procs]}\n"
+                             + "\n".join((logs / f"rank{r}.log").read_text()[-2000:] for r in range(world))) from None
+    return [(p.returncode, (logs / f"rank{r}.log").read_text()) for r, p in enumerate(procs)]
+
+
+def test_ranks_that_see_different_checkpoints_all_exit_2(world_config, tmp_path):
+    # One rank per "node", each with its own output_dir (node-local disks): rank 0 sees steps 2 and 4,
+    # rank 1 an older copy with step 2 only, or nothing at all. Written on 1 rank with accumulation 2, so
+    # the global batch of 4 fits 2 ranks.
+    node0, node1, fresh = tmp_path / "node0", tmp_path / "node1", tmp_path / "fresh"
+    check(launch([str(world_config), f"output_dir={node0}", "train.gradient_accumulation_steps=2"],
+                 launcher="plain"))
+    node1.mkdir()
+    shutil.copytree(node0 / "checkpoints", node1 / "checkpoints")
+    shutil.rmtree(node1 / "checkpoints" / "step_00000004")
+    fresh.mkdir()
+    for other, seen in ((node1, f"{node1}/checkpoints/step_00000002 (step 2"), (fresh, "nothing (no checkpoint")):
+        results = launch_ranks([[str(world_config), f"output_dir={node0}", "train.max_steps=6"],
+                                [str(world_config), f"output_dir={other}", "train.max_steps=6"]],
+                               tmp_path / other.name / "logs")
+        for code, output in results:
+            assert code == EXIT_CONFIG, output[-3000:]
+            assert "the ranks do not agree on the checkpoint to resume from" in output, output[-3000:]
+            assert f"rank 0 resumes from {node0}/checkpoints/step_00000004 (step 4" in output
+            assert f"rank 1 resumes from {seen}" in output and "Traceback" not in output
+        assert not (node0 / "checkpoints" / "step_00000006").exists()
+
+
+def test_failed_universal_conversion_exits_2_on_every_rank(world_config, tmp_path):
+    # Written on 1 rank (ZeRO-2), resumed on 2: rank 0 converts, and its output folder is blocked by a file.
+    out = tmp_path / "run"
+    check(launch([str(world_config), f"output_dir={out}", "deepspeed=zero2", "train.gradient_accumulation_steps=2",
+                  "train.max_steps=2"], launcher="plain"))
+    (out / "checkpoints" / "step_00000002" / "universal.tmp").write_text("in the way")
+    argv = [str(world_config), f"output_dir={out}", "deepspeed=zero2"]
+    started = time.time()
+    results = launch_ranks([argv, argv], tmp_path / "logs", timeout=180)
+    for code, output in results:
+        assert code == EXIT_CONFIG, output[-3000:]
+        assert "to DeepSpeed's universal format failed" in output and "resume on 1 data-parallel ranks" in output
+        assert "Traceback" not in output
+    assert time.time() - started < 120  # no collective timeout waited out
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(world_config, tmp_path):
+    # A run to step 6; then, as the divergence message advises, a resume from step 2 with a lower LR (a new
+    # trajectory), saving every step with keep_last 2; then resume: auto.
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    check(launch([str(world_config), f"output_dir={out}", "train.max_steps=6", "train.keep_last=3"],
+                 launcher="plain"))
+    old = {p.name: json.loads((p / "MANIFEST.json").read_text())["time"] for p in root.iterdir()}
+    again = ["train.lr=5e-4", "train.save_every=1", "train.keep_last=2"]
+    second = check(launch([str(world_config), f"output_dir={out}", "train.max_steps=5", *again,
+                           f"train.resume={root}/step_00000002"], launcher="plain"))
+    # The new run's checkpoints survive rotation; the abandoned ones are kept aside, untouched.
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned", "step_00000004", "step_00000005"]
+    assert "moved the abandoned run's newer checkpoints (step_00000004, step_00000006)" in second.stdout
+    new_4 = json.loads((root / "step_00000004" / "MANIFEST.json").read_text())["time"]
+    assert new_4 > old["step_00000006"]
+    (aside,) = (root / "abandoned").iterdir()
+    assert {p.name: json.loads((p / "MANIFEST.json").read_text())["time"] for p in aside.iterdir()} == {
+        k: v for k, v in old.items() if k != "step_00000002"}
+    third = check(launch([str(world_config), f"output_dir={out}", "train.max_steps=7", *again], launcher="plain"))
+    assert f"resumed from {root}/step_00000005 at step 5" in third.stdout
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, 8))

@@ -77,6 +77,38 @@ def test_bad_data_exits_2_before_training(tmp_path, llama_dir):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize(("records", "extra", "message"), [
+    # LLaMA-Factory-style records whose assistant turns are all empty: the data scan refuses them.
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}] * 6,
+     ["data.train=[{path: TRAIN, format: messages}]"], "none of the first 6 records is usable"),
+    # Epoch-sized runs: the sizing pass finds less than one global batch.
+    ([{"instruction": "a", "output": "b"}] * 3, ["train.max_steps=null", "train.epochs=1"],
+     "an epoch holds less than one global batch"),
+])
+def test_validate_refuses_what_train_refuses(records, extra, message, tmp_path, llama_dir):
+    import tiny
+    from conftest import causal_config
+
+    train = tiny.write_jsonl(tmp_path / "t.jsonl", records)
+    cfg = causal_config(tmp_path, llama_dir, train)
+    extra = [e.replace("TRAIN", str(train)) for e in extra]
+    for command in ("validate", "train"):
+        proc = bigsft(command, str(cfg), *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (command, proc.stderr[-2000:])
+        assert message in proc.stderr, (command, proc.stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_reports_the_data_scan_and_run_length(tmp_path, llama_dir, alpaca_files):
+    from conftest import causal_config
+
+    cfg = causal_config(tmp_path, llama_dir, alpaca_files[0])
+    proc = bigsft("validate", str(cfg), "train.max_steps=null", "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "data.train: the first 128 records scanned, 128 usable, 0 skipped" in proc.stdout
+    assert "steps: 64" in proc.stdout  # 2 epochs of 128 records in global batches of 4
+
+
 def test_data_inspect_shows_samples_and_corpus_stats(tmp_path, llama_dir, alpaca_files):
     from conftest import causal_config
 

@@ -130,11 +130,36 @@ def test_bad_deepspeed_json(raw, message):
         resolve_ds_config(raw, "x.json", RUN, accelerator="cpu")
 
 
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("WarmupDecayLR", {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-4, "warmup_num_steps": 10, "total_num_steps": 100}),
+    ("WarmupLR", {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-4, "warmup_num_steps": 10}),
+    ("WarmupCosineLR", {"warmup_num_steps": 10, "total_num_steps": 100, "cos_min_ratio": 0.0}),
+])
+def test_scheduler_fields_left_out_of_the_json_follow_the_run(kind, expected):
+    # Left out, DeepSpeed would use its own defaults (peak 1e-3, 1000 warmup steps) whatever train.* says.
+    ds = resolve_ds_config({"scheduler": {"type": kind}}, "x.json", RUN)
+    assert ds["scheduler"]["params"] == expected
+    explicit = resolve_ds_config({"scheduler": {"type": kind, "params": {"warmup_num_steps": 3}}}, "x.json", RUN)
+    assert explicit["scheduler"]["params"]["warmup_num_steps"] == 3  # an explicit value is the user's choice
+    with pytest.raises(ConfigError, match="scheduler.params.warmup_max_lr is 0.01 but the run config gives"):
+        resolve_ds_config({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.01}}}, "x.json", RUN)
+
+
 def test_fp16_on_cpu_is_refused():
     values = RunValues(**{**RUN.__dict__, "dtype": "fp16"})
     raw, label = load_ds_config("zero0")
     with pytest.raises(ConfigError, match="fp16 does not train on CPU"):
         resolve_ds_config(raw, label, values, accelerator="cpu")
+    # An accelerator that trains in fp16 (as DeepSpeed's is_fp16_supported says) is not refused.
+    assert resolve_ds_config(raw, label, values, accelerator="cpu", fp16_kernels=True)["fp16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("ds", ["zero0", "zero1"])
+def test_fp16_with_pipeline_parallelism_is_refused(ds):
+    values = RunValues(**{**RUN.__dict__, "dtype": "fp16", "pipeline_stages": 2})
+    raw, label = load_ds_config(ds)
+    with pytest.raises(ConfigError, match="fp16 under pipeline parallelism is not supported; use bf16"):
+        resolve_ds_config(raw, label, values, accelerator="cuda")
 
 
 def test_pipeline_with_zero2_is_refused():

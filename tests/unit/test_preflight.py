@@ -101,3 +101,45 @@ def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("not a dir")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
         preflight(config_from_dict(raw), SINGLE)
+
+
+@pytest.mark.parametrize(("train", "world", "accumulation", "message"), [
+    # Unset accumulation follows the checkpoint: 2 ranks × 4 × 1 -> 1 rank × 4 × 2.
+    ({"micro_batch_size": 4}, 1, 2, None),
+    ({"micro_batch_size": 4, "gradient_accumulation_steps": 2}, 1, 2, None),
+    ({"micro_batch_size": 4, "global_batch_size": 8}, 1, 2, None),
+    ({"micro_batch_size": 4}, 4, None,
+     "resumes a checkpoint trained with global batch 8 per step, which train.micro_batch_size 4 × "
+     "data-parallel world 4 = 16 does not divide"),
+    ({"micro_batch_size": 4, "gradient_accumulation_steps": 1}, 1, None,
+     "train.gradient_accumulation_steps: 1 makes micro 4 × 1 × data-parallel world 1 = 4 per step, but the "
+     "checkpoint was trained with global batch 8; set train.gradient_accumulation_steps=2"),
+    ({"micro_batch_size": 4, "global_batch_size": 16}, 1, None,
+     "train.global_batch_size: 16, but the checkpoint was trained with global batch 8"),
+])
+def test_resume_keeps_the_checkpoints_global_batch(train, world, accumulation, message):
+    bm, errors = batch_math(TrainConfig(**train), world_size=world, pipeline_stages=1, saved_global_batch=8)
+    if message is None:
+        assert not errors and bm.gradient_accumulation_steps == accumulation and bm.global_batch_size == 8
+    else:
+        assert bm is None and len(errors) == 1 and message in errors[0], errors
+
+
+def test_preflight_rederives_accumulation_from_the_resumed_checkpoint(tmp_path):
+    import json
+
+    from bigsft.checkpoint import MANIFEST, run_identity
+    from bigsft.model import load_hf_config
+
+    cfg = config_from_dict({**_cfg(tmp_path), "deepspeed": "zero2"})  # micro 8, accumulation unset
+    identity = run_identity(hf_config=load_hf_config(cfg.model), task="causal_lm", num_labels=None, dtype="fp32",
+                            zero_stage=2, pipeline_stages=1, data_parallel_size=4, global_batch_size=32)
+    ckpt = tmp_path / "out" / "checkpoints" / "step_00000003"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 3, "identity": identity}))
+    (ckpt / MANIFEST).write_text(json.dumps({"files": {"trainer.json": (ckpt / "trainer.json").stat().st_size}}))
+    pre = preflight(cfg, SINGLE)  # 4 ranks × 8 × 1 written, 1 rank resumes: 8 × 4 keeps the 32
+    assert pre.resume is not None and pre.resume.universal
+    assert pre.batch.gradient_accumulation_steps == 4 and pre.batch.global_batch_size == 32
+    assert pre.identity["global_batch_size"] == 32
+    assert pre.resolved_ds(10)["gradient_accumulation_steps"] == 4
