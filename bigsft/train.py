@@ -193,18 +193,20 @@ def skip_non_finite_steps(optimizer) -> None:
     optimizer.step = checked_step
 
 
-def fp16_scaled_by_caller(engine) -> bool:
-    """DeepSpeed's ZeRO-0 fp16 optimizers divide the gradients by their loss scale in `step`, but
-    `engine.backward` multiplies the loss by it only for ZeRO optimizers. Without the caller's factor every
-    update would be 1/scale of what it should be, and clipping would never engage."""
+def scaled_by_caller(engine) -> bool:
+    """Whether the engine's optimizer is one of DeepSpeed's non-ZeRO mixed-precision wrappers (ZeRO-0 in fp16,
+    and in bf16 too, which DeepSpeed also runs through `FP16_UnfusedOptimizer` with a scale of 1). Their
+    `step` divides the gradients by their loss scale, but `engine.backward` multiplies the loss by it only
+    for ZeRO optimizers: without the caller's factor every fp16 update would be 1/scale of what it should
+    be, and clipping would never engage."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     return isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer))
 
 
-def undo_fp16_init_step(engine) -> None:
-    """DeepSpeed's ZeRO-0 fp16 optimizers create their state by running the wrapped optimizer once on zero
+def undo_init_step(engine) -> None:
+    """DeepSpeed's ZeRO-0 fp16/bf16 optimizers create their state by running the wrapped optimizer once on zero
     gradients. For AdamW that is a real step: the fp32 master weights take one weight decay, and Adam's
     step count starts at 1, so every bias correction is off by a step (the first update is 0.74 of what it
     should be). Put the master weights back to the model's and let the optimizer start from no state."""
@@ -411,11 +413,11 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     device = get_accelerator().current_device_name()
     # ZeRO-0 keeps no usable norm in fp32 (none) or fp16 (a loss-scaled one): the loop measures it itself.
     own_grad_norm = pre.zero_stage == 0 and cfg.model.dtype in ("fp32", "fp16")
-    caller_scales_fp16 = fp16_scaled_by_caller(engine)
+    caller_scales = scaled_by_caller(engine)
     if "optimizer" in ds and pre.zero_stage == 0 and cfg.model.dtype == "fp32" and not pipe:
         skip_non_finite_steps(engine.optimizer)  # the JSON's optimizer, which nothing else checks at ZeRO-0
-    if caller_scales_fp16:
-        undo_fp16_init_step(engine)
+    if caller_scales:
+        undo_init_step(engine)
     fp16 = ds.get("fp16", {})
     # A skip at the scaler's floor (or with a static scale) cannot be an fp16 warm-up: it counts as divergence.
     min_loss_scale = float(fp16.get("min_loss_scale", 1) if not fp16.get("loss_scale") else fp16["loss_scale"])
@@ -566,7 +568,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
             # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
             # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
             scale = bm.data_parallel_size / global_targets
-            caller_scale = loss_scale if caller_scales_fp16 else 1.0
+            caller_scale = float(engine.optimizer.loss_scale) if caller_scales else 1.0
             for i, micro in enumerate(window):
                 loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal, head=head)
                 engine.backward(loss_sum * (scale * caller_scale), scale_wrt_gas=False)
