@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bigsft.config import ConfigError, RunConfig
+from bigsft.config import RunConfig
 
 GIB = 2**30
 
@@ -353,16 +353,3 @@ def report(cfg: RunConfig, hf_config, hw: Hardware, *, write: str | None = None,
     console.print("run with: " + " ".join(overrides(best, path))
                   + ("" if write else f"   (--write {path} writes the DeepSpeed JSON)"))
     return best
-
-
-def hardware_from_args(args: dict) -> Hardware:
-    required = ("--gpus-per-node", "--nodes", "--gpu-mem")
-    missing = [k for k in required if args.get(k) is None]
-    if missing:
-        raise ConfigError(f"plan needs {', '.join(missing)} (e.g. --gpus-per-node 8 --nodes 1 --gpu-mem 80)")
-    import psutil
-
-    return Hardware(gpus_per_node=int(args["--gpus-per-node"]), nodes=int(args["--nodes"]),
-                    gpu_mem_gib=float(args["--gpu-mem"]),
-                    cpu_mem_gib=float(args["--cpu-mem"]) if args.get("--cpu-mem") else psutil.virtual_memory().total / GIB,
-                    nvme=bool(args.get("--nvme")), gpu_tflops=float(args.get("--gpu-tflops") or 312.0))

@@ -47,12 +47,7 @@ from bigsft.ds_config import offload_device
 from bigsft.preflight import Preflight, preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAVED = 0, 1, 2, 75
-USAGE = "usage: bigsft train [CONFIG_OR_RECIPE] [key.path=value ...]   (no config: the built-in demo)"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class UsageRequested(Exception):
-    """--help was given."""
 
 
 class Diverged(Exception):
@@ -68,22 +63,12 @@ class StoppedAndSaved(Exception):
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
-    """(config, overrides, --local_rank). The deepspeed launcher puts `--local_rank=N` first."""
-    config, overrides, local_rank = None, [], None
-    it = iter(argv)
-    for arg in it:
-        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
-            value = arg.split("=", 1)[1] if "=" in arg else next(it, "0")
-            local_rank = int(value)
-        elif arg in ("-h", "--help"):
-            raise UsageRequested
-        elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg!r}; {USAGE}")
-        elif "=" in arg or config is not None:
-            overrides.append(arg)
-        else:
-            config = arg
-    return config, overrides, local_rank
+    """(config, overrides, --local_rank), by `bigsft train`'s own parser. The deepspeed launcher puts
+    `--local_rank=N` first; `--help` prints the usage and exits 0."""
+    from bigsft.cli import parse
+
+    _, args = parse(["train", *argv])
+    return args.config, args.overrides, args.local_rank
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,8 +672,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides, local_rank = split_argv(sys.argv[1:] if argv is None else argv)
         run(config, overrides, local_rank)
-    except UsageRequested:
-        print(USAGE)
     except (ConfigError, DataError) as e:
         code = _report(f"error: {e}", EXIT_CONFIG)
     except StoppedAndSaved as e:

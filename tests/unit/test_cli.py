@@ -21,7 +21,7 @@ def test_deepspeed_local_rank_argument_is_accepted_anywhere():
     assert split_argv(["--local_rank=1", "cfg.yaml", "train.lr=1"]) == ("cfg.yaml", ["train.lr=1"], 1)
     assert split_argv(["cfg.yaml", "--local_rank", "0"]) == ("cfg.yaml", [], 0)
     assert split_argv(["train.lr=1"]) == (None, ["train.lr=1"], None)
-    with pytest.raises(ConfigError, match="unknown option '--lr'"):
+    with pytest.raises(ConfigError, match="unrecognized arguments: --lr"):
         split_argv(["cfg.yaml", "--lr", "1"])
 
 
@@ -42,6 +42,22 @@ def test_unknown_command_and_help():
     assert bigsft("frobnicate").returncode == 2
     proc = bigsft("--help")
     assert proc.returncode == 0 and "deepspeed --num_gpus N --module bigsft.train" in proc.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["validate"], ["plan"], ["export"], ["data"], ["data", "inspect"]])
+def test_every_command_answers_help_with_exit_0(command):
+    proc = bigsft(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: bigsft {' '.join(command)}".rstrip()) and "Traceback" not in proc.stderr
+
+
+def test_usage_errors_exit_2_naming_the_problem():
+    for argv, message in ((["frobnicate"], "invalid choice: 'frobnicate'"), (["data"], "data needs a command"),
+                          (["export", "ckpt"], "required: OUT_DIR"), (["train", "--lr", "1"], "unrecognized arguments"),
+                          (["validate", "c.yaml", "--world-size", "0"], "expected an integer >= 1, got '0'"),
+                          (["export", "a", "b", "--max-shard-size", "big"], "expected a size like 5GB")):
+        proc = bigsft(*argv)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
 
 
 def test_validate_prints_batch_math_for_a_world_size(tmp_path, llama_dir, alpaca_files):

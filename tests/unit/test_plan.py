@@ -108,4 +108,4 @@ def test_plan_command_writes_a_usable_deepspeed_json(tmp_path, tokenizer_dir):
     assert json.dumps(resolve_ds_config(raw, label, values, accelerator="cpu"))
     bad = subprocess.run([sys.executable, "-m", "bigsft", "plan", str(cfg), "--nodes", "1"], capture_output=True,
                          text=True)
-    assert bad.returncode == 2 and "plan needs --gpus-per-node, --gpu-mem" in bad.stderr
+    assert bad.returncode == 2 and "required: --gpus-per-node, --gpu-mem" in bad.stderr
