@@ -765,7 +765,7 @@ def export_checkpoint(checkpoint_or_run: str | Path, out_dir: str | Path, *, max
     """`bigsft export`: a checkpoint (or a run's newest) -> an HF model directory, on CPU."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bigsft.model import auto_class
+    from bigsft.model import auto_class, torch_dtype
 
     path = Path(checkpoint_or_run)
     if not _STEP_DIR.match(path.name):
@@ -775,7 +775,7 @@ def export_checkpoint(checkpoint_or_run: str | Path, out_dir: str | Path, *, max
         path = steps[-1]
     trainer = verify(path)
     identity = trainer["identity"]
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[identity["dtype"]])
+    dtype = torch_dtype(identity["dtype"])
     if identity.get("pipeline_stages", 1) > 1:  # per-layer files, renamed back to the HF names
         from bigsft.pipeline import export_checkpoint as export_pipeline_checkpoint
 

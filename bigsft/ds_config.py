@@ -214,6 +214,10 @@ def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str
 
     _fill_precision(ds, f, run.dtype)
     _fill_zero(ds, f, run)
+    if run.pipeline_stages > 1 and zero_stage(ds) == 0:
+        # DeepSpeed's ZeRO-0 clipping would see one stage's gradients only: bigsft's optimizer clips by the
+        # norm over all stages (train.max_grad_norm) instead.
+        ds["gradient_clipping"] = 0.0
 
     ds.setdefault("steps_per_print", 10**9)  # bigsft logs; keep DeepSpeed's own step prints quiet
     ds.setdefault("wall_clock_breakdown", False)

@@ -15,6 +15,18 @@ TASKS = ("causal_lm", "sequence_classification")
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def config_int(hf_config, *names: str, default: int = 0) -> int:
+    """The first of `names` that the HF config holds as an integer (architectures name one quantity
+    differently: n_layer, num_layers, num_hidden_layers); `default` when none does."""
+    return next((v for n in names if isinstance(v := getattr(hf_config, n, None), int)), default)
+
+
+def model_dims(hf_config) -> tuple[int, int]:
+    """(layers, hidden size) of a model, across HF config naming conventions; 0 where unknown."""
+    return (config_int(hf_config, "num_hidden_layers", "n_layer", "num_layers"),
+            config_int(hf_config, "hidden_size", "n_embd", "d_model"))
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """`pkg:<module>` -> the model directory shipped inside that Python package; else unchanged."""
     if not name_or_path.startswith("pkg:"):
@@ -109,10 +121,9 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     shard: no rank ever holds the whole model. A model built from `cfg.config` gets its random weights
     from `seed` and the parameter names alone (`initialize_by_name`), the same under every strategy.
     """
-    import torch
 
     auto = auto_class(cfg.task)
-    dtype = getattr(torch, DTYPE_NAMES[cfg.dtype])
+    dtype = torch_dtype(cfg.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -144,11 +155,24 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
-    # Lets DeepSpeed convert this run's checkpoints to its universal format (to resume on another world size).
+    return allow_universal_checkpoints(model)
+
+
+def allow_universal_checkpoints(module):
+    """Mark a module so that DeepSpeed's `ds_to_universal` converts its checkpoints (without the mark the
+    conversion stops with "Required universal_checkpoint_info state is missing"): a run can then resume on
+    another world size. Returns the module."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
 
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
-    return model
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
+    return module
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a `model.dtype` value (fp32 | bf16 | fp16)."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def _forked_rng():

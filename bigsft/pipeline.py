@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigsft import dist
 from bigsft.config import ConfigError
 from bigsft.data.batching import Batch
 from bigsft.data.tokenize import IGNORE
+from bigsft.model import model_dims
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")
 
@@ -79,7 +82,7 @@ def pipeline_problems(hf_config, *, stages: int, task: str, from_config: bool, m
     if gradient_checkpointing:
         problems.append("model.gradient_checkpointing: under pipeline parallelism use "
                         "pipeline.activation_checkpoint_interval instead")
-    layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer", 0)
+    layers = model_dims(hf_config)[0]
     if layers and stages > layers:
         problems.append(f"pipeline.stages: {stages} stages for {layers} decoder layers; use at most {layers}")
     if not (partition in ("parameters", "uniform") or partition.startswith("type:")):
@@ -173,7 +176,7 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, hf_config, source: WeightSource):
         super().__init__()
         layout = LAYOUTS[hf_config.model_type]
-        hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
+        hidden = model_dims(hf_config)[1]
         self.embed = nn.Embedding(hf_config.vocab_size, hidden, getattr(hf_config, "pad_token_id", None)
                                   if layout.positions is None else None)
         self.positions = nn.Embedding(hf_config.n_positions, hidden) if layout.positions else None
@@ -247,7 +250,7 @@ class NormPipe(nn.Module):
 class HeadPipe(nn.Module):
     def __init__(self, hf_config, source: WeightSource):
         super().__init__()
-        hidden = getattr(hf_config, "hidden_size", None) or hf_config.n_embd
+        hidden = model_dims(hf_config)[1]
         self.head = nn.Linear(hidden, hf_config.vocab_size, bias=False)
         _load(self.head, source, LAYOUTS[hf_config.model_type].head)
 
@@ -263,7 +266,7 @@ def is_tied(hf_config) -> bool:
 def hf_name(hf_config, layer_index: int, local_key: str) -> str | None:
     """The HF checkpoint name of a pipeline layer's tensor (None: not saved, e.g. the tied head's copy)."""
     layout = LAYOUTS[hf_config.model_type]
-    layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
+    layers = model_dims(hf_config)[0]
     top, _, rest = local_key.partition(".")
     if layer_index == 0:
         return f"{layout.embed}.{rest}" if top == "embed" else f"{layout.positions}.{rest}"
@@ -295,7 +298,7 @@ def build_pipeline(hf_config, model_dir: str, *, stages: int, partition: str, ac
 
     hf_config._attn_implementation = attn_implementation or "sdpa"
     source = WeightSource(model_dir)
-    layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layer
+    layers = model_dims(hf_config)[0]
     tied = is_tied(hf_config)
     specs = [TiedLayerSpec("embed", EmbeddingPipe, hf_config, source, tied_weight_attr=["embed.weight"])
              if tied else LayerSpec(EmbeddingPipe, hf_config, source)]
@@ -455,3 +458,16 @@ def export_checkpoint(ds_dir: Path, hf_dir: Path, out_dir: Path, dtype: torch.dt
     tokenizer = AutoTokenizer.from_pretrained(hf_dir) if (hf_dir / "tokenizer_config.json").exists() else None
     _finish_export(tmp, out, hf_config, tokenizer)
     return out
+
+
+def evaluate(engine, loss, batches: list[Batch], dummy: Batch, bm) -> dict[str, float]:
+    """Token-weighted eval loss through the pipeline; replicas run as many windows as the longest."""
+    windows = -(-len(batches) // bm.gradient_accumulation_steps)
+    most = dist.all_reduce_max(windows)
+    padded = batches + [dummy] * ((most - windows) * bm.gradient_accumulation_steps)
+    local_sum = eval_sum(engine, loss, padded, dummy)
+    count = sum(b.num_targets for b in batches)
+    # Every stage holds its replica's sum: the world sum counts each replica once per stage.
+    total, tokens = dist.all_reduce_sum([local_sum / bm.pipeline_stages, count / bm.pipeline_stages])
+    value = total / max(tokens, 1.0)
+    return {"eval/loss": value, "eval/perplexity": math.exp(min(value, 50.0)), "eval/tokens": round(tokens)}

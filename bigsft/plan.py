@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigsft.config import RunConfig
+from bigsft.model import config_int, model_dims
 
 GIB = 2**30
 
@@ -146,14 +147,11 @@ def model_shape(hf_config, task: str, lora=None) -> ModelShape:
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
-    def get(*names, default=0):
-        return next((getattr(hf_config, n) for n in names if isinstance(getattr(hf_config, n, None), int)), default)
-
-    hidden = get("hidden_size", "n_embd", "d_model")
-    return ModelShape(params=params, trainable=trainable, largest_layer=largest,
-                      layers=get("num_hidden_layers", "n_layer", "num_layers"), hidden=hidden,
-                      intermediate=get("intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
-                      heads=get("num_attention_heads", "n_head"), vocab=get("vocab_size"))
+    layers, hidden = model_dims(hf_config)
+    return ModelShape(params=params, trainable=trainable, largest_layer=largest, layers=layers, hidden=hidden,
+                      intermediate=config_int(hf_config, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
+                      heads=config_int(hf_config, "num_attention_heads", "n_head"),
+                      vocab=config_int(hf_config, "vocab_size"))
 
 
 def model_states(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware) -> tuple[float, float, float]:

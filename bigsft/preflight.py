@@ -133,11 +133,9 @@ class Preflight:
 
 
 def _hidden_size(hf_config) -> int | None:
-    for key in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(hf_config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
+    from bigsft.model import model_dims
+
+    return model_dims(hf_config)[1] or None
 
 
 def _output_dir_problem(output_dir: str) -> str | None:

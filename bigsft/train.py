@@ -44,6 +44,16 @@ from bigsft.data.pipeline import DataPlan, eval_batches, plan_data, train_stream
 from bigsft.data.sources import DataError
 from bigsft.data.stream import dummy_batch, source_names
 from bigsft.ds_config import offload_device
+from bigsft.optim import (
+    build_optimizer,
+    fp16_loss_scale,
+    grad_norm_of,
+    lr_factor,
+    param_groups,
+    scaled_by_caller,
+    skip_non_finite_steps,
+    undo_init_step,
+)
 from bigsft.preflight import Preflight, preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAVED = 0, 1, 2, 75
@@ -72,76 +82,6 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based): linear warmup, then decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return min_ratio + (1 - min_ratio) * (1 - progress)
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (anything with fewer than 2 dimensions)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        (decay if ndim >= 2 else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
-
-
-def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offload: bool, pipeline_dp: int = 0):
-    """AdamW; DeepSpeed's CPU Adam when the optimizer state lives on the host (ZeRO-Offload).
-
-    `pipeline_dp`: under pipeline parallelism with ZeRO-0, the data-parallel size; this optimizer then
-    clips by the norm over all stages itself (DeepSpeed's ZeRO-0 clipping sees one stage only)."""
-    t = cfg.train
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, adamw_mode=True)
-    import torch
-
-    if zero_stage > 0:  # DeepSpeed's ZeRO optimizers skip non-finite steps themselves
-        return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
-
-    class SkippingAdamW(torch.optim.AdamW):
-        """AdamW that leaves weights and state untouched when a gradient is not finite. DeepSpeed's ZeRO
-        optimizers do this themselves; under ZeRO-0 the engine reads `overflow` to count the skip."""
-
-        overflow = False
-        _global_grad_norm = None
-
-        def step(self, closure=None):
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if pipeline_dp:
-                # Stages hold different layers: sum their squares (tied copies once) over the world.
-                params = [p for g in self.param_groups for p in g["params"]
-                          if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-                local = sum(float(p.grad.detach().float().pow(2).sum()) for p in params)
-                (total,) = dist.all_reduce_sum([local])
-                self._global_grad_norm = math.sqrt(total / pipeline_dp)
-                self.overflow = not math.isfinite(self._global_grad_norm)
-                if not self.overflow and t.max_grad_norm and self._global_grad_norm > t.max_grad_norm:
-                    for grad in grads:
-                        grad.mul_(t.max_grad_norm / (self._global_grad_norm + 1e-6))
-            else:
-                self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
-            return None if self.overflow else super().step(closure)
-
-    return SkippingAdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
-
-
-# --------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -154,61 +94,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def grad_norm_of(module) -> float:
-    """Global L2 norm of full (unpartitioned) gradients, for ZeRO-0 in fp32 where DeepSpeed keeps none."""
-    import torch
-
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def skip_non_finite_steps(optimizer) -> None:
-    """Make `optimizer.step` leave weights and state alone when a gradient is not finite, and set
-    `optimizer.overflow`, which DeepSpeed's engine reads to skip the LR schedule and report the skip. For an
-    optimizer built by DeepSpeed from the JSON at ZeRO-0 in fp32, where no DeepSpeed wrapper checks."""
-    import torch
-
-    step = optimizer.step
-
-    def checked_step(*args, **kwargs):
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        optimizer.overflow = bool(grads) and not all(bool(torch.isfinite(g).all()) for g in grads)
-        return None if optimizer.overflow else step(*args, **kwargs)
-
-    optimizer.step = checked_step
-
-
-def scaled_by_caller(engine) -> bool:
-    """Whether the engine's optimizer is one of DeepSpeed's non-ZeRO mixed-precision wrappers (ZeRO-0 in fp16,
-    and in bf16 too, which DeepSpeed also runs through `FP16_UnfusedOptimizer` with a scale of 1). Their
-    `step` divides the gradients by their loss scale, but `engine.backward` multiplies the loss by it only
-    for ZeRO optimizers: without the caller's factor every fp16 update would be 1/scale of what it should
-    be, and clipping would never engage."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    return isinstance(engine.optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer))
-
-
-def undo_init_step(engine) -> None:
-    """DeepSpeed's ZeRO-0 fp16/bf16 optimizers create their state by running the wrapped optimizer once on zero
-    gradients. For AdamW that is a real step: the fp32 master weights take one weight decay, and Adam's
-    step count starts at 1, so every bias correction is off by a step (the first update is 0.74 of what it
-    should be). Put the master weights back to the model's and let the optimizer start from no state."""
-    opt = engine.optimizer
-    pairs = (zip(opt.fp32_groups_flat, opt.fp16_groups_flat) if hasattr(opt, "fp32_groups_flat")
-             else ((m, w) for masters, weights in zip(opt.fp32_groups, opt.fp16_groups)
-                   for m, w in zip(masters, weights)))
-    for master, weight in pairs:
-        master.data.copy_(weight.data)
-    opt.optimizer.state.clear()
-
-
-def fp16_loss_scale(engine) -> float | None:
-    """The fp16 loss scale in force for the next step; None when not training in fp16."""
-    return float(engine.optimizer.loss_scale) if engine.fp16_enabled() else None
-
-
 def _count(n: int) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
 
@@ -216,30 +101,6 @@ def _count(n: int) -> str:
 def _norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else None
-
-
-def pipeline_evaluate(engine, loss, batches, dummy, bm) -> dict[str, float]:
-    """Token-weighted eval loss through the pipeline; replicas run as many windows as the longest."""
-    from bigsft import pipeline
-
-    windows = -(-len(batches) // bm.gradient_accumulation_steps)
-    most = dist.all_reduce_max(windows)
-    padded = batches + [dummy] * ((most - windows) * bm.gradient_accumulation_steps)
-    local_sum = pipeline.eval_sum(engine, loss, padded, dummy)
-    count = sum(b.num_targets for b in batches)
-    # Every stage holds its replica's sum: the world sum counts each replica once per stage.
-    total, tokens = dist.all_reduce_sum([local_sum / bm.pipeline_stages, count / bm.pipeline_stages])
-    value = total / max(tokens, 1.0)
-    return {"eval/loss": value, "eval/perplexity": math.exp(min(value, 50.0)), "eval/tokens": round(tokens)}
-
-
-def model_shape(hf_config) -> tuple[int, int]:
-    """(layers, hidden size) for FLOP counts, across config naming conventions."""
-    layers = next((getattr(hf_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
-                   if isinstance(getattr(hf_config, k, None), int)), 0)
-    hidden = next((getattr(hf_config, k) for k in ("hidden_size", "n_embd", "d_model")
-                   if isinstance(getattr(hf_config, k, None), int)), 0)
-    return layers, hidden
 
 
 def data_parallel_rank(rank: int, data_parallel_size: int) -> int:
@@ -326,7 +187,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     from transformers.integrations import HfDeepSpeedConfig
 
     from bigsft.evaluate import EvalInterrupted, evaluate, summed_loss
-    from bigsft.model import build_model, count_parameters, trained_positions_head
+    from bigsft.model import build_model, count_parameters, model_dims, trained_positions_head
 
     pre, tokenizer, plan, total_steps = prepared.pre, prepared.tokenizer, prepared.plan, prepared.total_steps
     cfg, launch, bm = pre.cfg, pre.launch, pre.batch
@@ -360,15 +221,13 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     pipe = bm.pipeline_stages > 1
     if pipe:  # this rank builds and loads only its own stage's layers
         from bigsft import pipeline
-        from bigsft.model import DTYPE_NAMES, resolve_model_path
+        from bigsft.model import allow_universal_checkpoints, resolve_model_path, torch_dtype
 
         model, pipe_loss, _ = pipeline.build_pipeline(
             pre.hf_config, resolve_model_path(cfg.model.name_or_path), stages=bm.pipeline_stages,
             partition=cfg.pipeline.partition, activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
-            attn_implementation=cfg.model.attn_implementation, dtype=getattr(torch, DTYPE_NAMES[cfg.model.dtype]))
-        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
-
-        setattr(model, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4})
+            attn_implementation=cfg.model.attn_implementation, dtype=torch_dtype(cfg.model.dtype))
+        allow_universal_checkpoints(model)
     else:
         model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label, seed=t.seed)
     head = trained_positions_head(model, pre.hf_config) if causal and not pipe else None
@@ -379,8 +238,6 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
 
     groups = param_groups(model, t.weight_decay)
     optimizer = scheduler = None
-    if pipe and pre.zero_stage == 0:
-        ds["gradient_clipping"] = 0.0  # SkippingAdamW clips by the norm over all stages instead
     if "optimizer" not in ds:
         optimizer = build_optimizer(groups, cfg, zero_stage=pre.zero_stage, offload=pre.offload_optimizer != "none",
                                     pipeline_dp=bm.data_parallel_size if pipe else 0)
@@ -465,7 +322,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
         tracking.info(f"resumed from {resume.path} at step {start_step}"
                       + (f" (converted from {converted} data-parallel ranks)" if resume.universal else ""),
                       enabled=is_main)
-    layers, hidden = model_shape(pre.hf_config)
+    layers, hidden = model_dims(pre.hf_config)
     peak = tracking.peak_tflops(t.peak_tflops, cfg.model.dtype)
     for line in plan.scanned["train"].first_bad:
         tracking.info(f"[yellow]skipped[/] {line}", enabled=is_main)
@@ -482,7 +339,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
                                micro_batch_size=eval_micro, pad_id=tokenizer.pad_token_id)
         try:
             if pipe:
-                metrics = pipeline_evaluate(engine, pipe_loss, list(batches), dummy, bm)
+                metrics = pipeline.evaluate(engine, pipe_loss, list(batches), dummy, bm)
             else:
                 metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device,
                                    dummy=dummy, head=head, stop_requested=lambda: stop.requested)

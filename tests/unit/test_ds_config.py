@@ -162,6 +162,14 @@ def test_fp16_with_pipeline_parallelism_is_refused(ds):
         resolve_ds_config(raw, label, values, accelerator="cuda")
 
 
+def test_pipeline_at_zero0_leaves_clipping_to_bigsft_in_the_resolved_json():
+    # The JSON bigsft dumps to ds_config.json is the one the engine gets: the clipping decision is made here.
+    values = RunValues(**{**RUN.__dict__, "pipeline_stages": 2})
+    raw, label = load_ds_config("zero0")
+    assert resolve_ds_config(raw, label, values)["gradient_clipping"] == 0.0
+    assert resolve_ds_config(raw, label, RUN)["gradient_clipping"] == RUN.max_grad_norm
+
+
 def test_pipeline_with_zero2_is_refused():
     values = RunValues(**{**RUN.__dict__, "pipeline_stages": 2})
     raw, label = load_ds_config("zero2")

@@ -10,7 +10,7 @@ import torch
 
 from bigsft.data.batching import Batch
 from bigsft.evaluate import classification_metrics, evaluate, summed_loss
-from bigsft.train import lr_factor
+from bigsft.optim import lr_factor
 
 
 def test_classification_metrics_against_hand_computed_values():
