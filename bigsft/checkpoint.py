@@ -40,6 +40,7 @@ import torch
 
 from bigsft import dist
 from bigsft.config import ConfigError
+from bigsft.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 DS_TAG = "ds"
@@ -65,8 +66,6 @@ SAFE_DEEPSPEED_GLOBALS = {
 }
 
 
-class CheckpointError(Exception):
-    """A checkpoint could not be written (disk full, non-finite weights): every rank stops, exit code 1."""
 
 
 # --------------------------------------------------------------------------------------------------

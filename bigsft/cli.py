@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from bigsft.config import ConfigError
+from bigsft.errors import EXIT_USER, ConfigError, UserError
 
 LAUNCHES = """Multi-process launches use the same entry point:
   deepspeed --num_gpus N --module bigsft.train CONFIG [key.path=value ...]
@@ -216,16 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command](args)
     except SystemExit as e:  # argparse after --help (0)
         return e.code if isinstance(e.code, int) else 0
-    except ConfigError as e:
+    except UserError as e:  # a bad config, bad data, a bad checkpoint, a usage mistake
         print(f"bigsft: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # bad data found by a scan (DataError) is a user error too, never a traceback
-        from bigsft.data.sources import DataError
-
-        if not isinstance(e, DataError):
-            raise
-        print(f"bigsft: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER
 
 
 if __name__ == "__main__":

@@ -20,21 +20,10 @@ from typing import Any, Literal
 
 import yaml
 
+from bigsft.errors import ConfigError
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEMO_RECIPE = "demo"
-
-
-class ConfigError(Exception):
-    """Bad config or usage: every problem found, reported together, exit code 2."""
-
-    def __init__(self, problems: str | Sequence[str]):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        if len(self.problems) == 1:
-            return self.problems[0]
-        return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from bigsft.checkpoint import (
     DS_TAG,
     UNIVERSAL_TAG,
     Checkpointer,
-    CheckpointError,
     check_ranks_agree,
     clean_leftovers,
     export_engine,
@@ -41,9 +40,20 @@ from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dic
 from bigsft.data.batching import Batch
 from bigsft.data.loader import SplitStats, too_many_bad
 from bigsft.data.pipeline import DataPlan, eval_batches, plan_data, train_stream, windows_in_first_epoch
-from bigsft.data.sources import DataError
 from bigsft.data.stream import dummy_batch, source_names
 from bigsft.ds_config import offload_device
+from bigsft.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SAVED,
+    EXIT_USER,
+    CheckpointError,
+    DataError,
+    Diverged,
+    RunFailed,
+    StoppedAndSaved,
+    UserError,
+)
 from bigsft.optim import (
     build_optimizer,
     fp16_loss_scale,
@@ -56,17 +66,7 @@ from bigsft.optim import (
 )
 from bigsft.preflight import Preflight, preflight
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_SAVED = 0, 1, 2, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class Diverged(Exception):
-    """Too many optimizer steps in a row with a non-finite loss or gradient: exit code 1."""
-
-
-class StoppedAndSaved(Exception):
-    """A stop signal arrived; a checkpoint was saved: exit code 75."""
-
 
 # --------------------------------------------------------------------------------------------------
 # Arguments
@@ -529,11 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides, local_rank = split_argv(sys.argv[1:] if argv is None else argv)
         run(config, overrides, local_rank)
-    except (ConfigError, DataError) as e:
-        code = _report(f"error: {e}", EXIT_CONFIG)
+    except UserError as e:
+        code = _report(f"error: {e}", EXIT_USER)
     except StoppedAndSaved as e:
         code = _report(str(e), EXIT_SAVED)
-    except (CheckpointError, Diverged) as e:
+    except RunFailed as e:
         code = _report(f"error: {e}", EXIT_FAILED)
     report_exit_status(code)
     return code

@@ -28,13 +28,12 @@ from typing import Any
 import numpy as np
 
 from bigsft.config import ConfigError, DataSource
+from bigsft.errors import DataError
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 
 
-class DataError(Exception):
-    """Data that cannot be used at all (an unreadable file, too many bad records): exit code 2."""
 
 
 @dataclass(frozen=True)
