@@ -399,67 +399,6 @@ def write_index(out_dir: Path) -> None:
                                                                      indent=2))
 
 
-def export_engine(engine, hf_config, out_dir: str | Path, *, tokenizer=None) -> None:
-    """final/ from a pipeline: each stage writes its own shard; no rank gathers the model."""
-    import shutil
-
-    from bigsft import dist
-
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    grid = engine.grid
-    if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    if grid.get_data_parallel_rank() == 0:
-        write_stage_shard(engine.module, hf_config, tmp, grid.get_stage_id(), grid.get_pipe_parallel_world_size())
-    dist.barrier()
-    if dist.rank() == 0:
-        _finish_export(tmp, out, hf_config, tokenizer)
-    dist.barrier()
-
-
-def _finish_export(tmp: Path, out: Path, hf_config, tokenizer) -> None:
-    from bigsft.checkpoint import publish_dir
-
-    write_index(tmp)
-    use_cache = getattr(hf_config, "use_cache", None)
-    hf_config.use_cache = True
-    hf_config.save_pretrained(tmp)
-    hf_config.use_cache = use_cache
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    publish_dir(tmp, out)
-
-
-def export_checkpoint(ds_dir: Path, hf_dir: Path, out_dir: Path, dtype: torch.dtype) -> Path:
-    """An HF directory from a pipeline checkpoint's per-layer files, one layer in memory at a time."""
-    import re
-    import shutil
-
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    hf_config = AutoConfig.from_pretrained(hf_dir)
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = sorted(ds_dir.glob("layer_*-model_states.pt"))
-    for n, path in enumerate(files):
-        index = int(re.match(r"layer_(\d+)", path.name).group(1))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = {hf_name(hf_config, index, k): v.to(dtype) if v.is_floating_point() else v
-                   for k, v in state.items() if hf_name(hf_config, index, k) is not None}
-        if tensors:
-            save_file({k: v.contiguous() for k, v in tensors.items()},
-                      tmp / f"model-{n + 1:05d}-of-{len(files):05d}.safetensors", metadata={"format": "pt"})
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir) if (hf_dir / "tokenizer_config.json").exists() else None
-    _finish_export(tmp, out, hf_config, tokenizer)
-    return out
-
-
 def evaluate(engine, loss, batches: list[Batch], dummy: Batch, bm) -> dict[str, float]:
     """Token-weighted eval loss through the pipeline; replicas run as many windows as the longest."""
     windows = -(-len(batches) // bm.gradient_accumulation_steps)

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from bigsft import dist, tracking
+from bigsft.arguments import parse
 from bigsft.checkpoint import (
     DS_TAG,
     UNIVERSAL_TAG,
     Checkpointer,
     check_ranks_agree,
     clean_leftovers,
-    export_engine,
     lock_output_dir,
     repair_zero3_universal_load,
     restore_rank_state,
@@ -54,6 +54,7 @@ from bigsft.errors import (
     StoppedAndSaved,
     UserError,
 )
+from bigsft.export import export_engine, export_pipeline_engine
 from bigsft.optim import (
     build_optimizer,
     fp16_loss_scale,
@@ -75,8 +76,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
     """(config, overrides, --local_rank), by `bigsft train`'s own parser. The deepspeed launcher puts
     `--local_rank=N` first; `--help` prints the usage and exits 0."""
-    from bigsft.cli import parse
-
     _, args = parse(["train", *argv])
     return args.config, args.overrides, args.local_rank
 
@@ -504,7 +503,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     if last_save_step != total_steps:
         save(total_steps)
     if pipe:
-        pipeline.export_engine(engine, pre.hf_config, out_dir / "final", tokenizer=tokenizer)
+        export_pipeline_engine(engine, pre.hf_config, out_dir / "final", tokenizer=tokenizer)
     else:
         export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer, lora=cfg.model.lora)
     tracker.summary("evaluation", results, {"final": str(out_dir / "final"), "steps": str(total_steps),

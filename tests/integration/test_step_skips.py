@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bigsft.checkpoint import checkpoint_state_dict
+from bigsft.export import checkpoint_state_dict
 
 import tiny
 from conftest import causal_config, check, launch, read_metrics

@@ -7,10 +7,10 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
 
-from bigsft.checkpoint import save_hf_model
 from bigsft.config import DataConfig, DataSource, ModelConfig
 from bigsft.data.pipeline import plan_data
 from bigsft.data.tokenize import DEFAULT_CHAT_TEMPLATE, end_of_turn_ids
+from bigsft.export import save_hf_model
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
