@@ -231,11 +231,19 @@ def export_pipeline_engine(engine, hf_config, out_dir: str | Path, *, tokenizer=
 
 
 def _finish_pipeline_export(tmp: Path, out: Path, hf_config, tokenizer) -> None:
+    """Index, config, generation config and tokenizer beside the stages' shards, then publish."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
     pipeline.write_index(tmp)
     use_cache = getattr(hf_config, "use_cache", None)
     hf_config.use_cache = True
     hf_config.save_pretrained(tmp)
     hf_config.use_cache = use_cache
+    generation = GenerationConfig.from_model_config(hf_config)  # what save_pretrained writes for a whole model
+    stop_at_end_of_turn(SimpleNamespace(generation_config=generation), tokenizer)
+    generation.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     publish_dir(tmp, out)

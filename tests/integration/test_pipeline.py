@@ -81,6 +81,10 @@ def test_export_resume_and_reload(pipe_config, gpt2_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in final.state_dict().items())
+    from transformers import GenerationConfig  # the pipeline's final/ stops where `bigsft export`'s does
+
+    stops = [GenerationConfig.from_pretrained(d).eos_token_id for d in (run / "final", tmp_path / "hf")]
+    assert stops[0] is not None and stops[0] == stops[1]
     from test_training import reload_eval_loss
 
     assert reload_eval_loss(pipe_config, run / "final") == pytest.approx(eval_losses(run)[-1], abs=1e-5)
