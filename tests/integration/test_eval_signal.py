@@ -25,8 +25,10 @@ def test_signal_during_the_final_eval_saves_and_the_relaunch_evaluates(tmp_path,
     cfg = causal_config(tmp_path, llama_dir, train, evaluation, max_steps=3, eval_micro_batch_size=1)
     out = tmp_path / "run"
     argv = [str(cfg), f"output_dir={out}", "deepspeed=zero3"]
-    proc = subprocess.Popen(launch_command(argv, nproc=2), env=launch_env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    status = tmp_path / "status"  # rank 0's own exit code, which the Slurm script trusts over a launcher's
+    proc = subprocess.Popen(launch_command(argv, nproc=2), env=launch_env({"BIGSFT_STATUS_FILE": str(status)}),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 600
     while not (metrics.is_file() and any(json.loads(line).get("step") == 3 for line in metrics.read_text().splitlines()
@@ -39,7 +41,10 @@ def test_signal_during_the_final_eval_saves_and_the_relaunch_evaluates(tmp_path,
              if "--local_rank=1" in " ".join(p.cmdline())]
     ranks[0].send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == EXIT_SAVED, output[-3000:]
+    # The ranks exit 75. The launcher's own code can differ: a rank that has saved and reported may still
+    # abort in interpreter teardown ("terminate called without an active exception", a known torch/gloo
+    # teardown race), and deepspeed's launcher then reports that instead.
+    assert status.read_text().strip() == str(EXIT_SAVED), output[-3000:]
     assert "eval at step 3 cut short by a stop signal" in output, output[-3000:]
     assert "checkpoint saved, relaunch to evaluate and export" in output
     assert not any("eval/loss" in r for r in read_metrics(out)) and not (out / "final").exists()
