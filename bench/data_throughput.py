@@ -60,11 +60,11 @@ def config(path: Path, *, max_length: int, micro: int, packing: bool):
 
 
 def pipeline_tokens_per_s(path: Path, tok, *, max_length: int, micro: int, packing: bool) -> tuple[float, int]:
-    from bigsft.data.loader import SplitStats
-    from bigsft.data.pipeline import plan_data, train_stream
+    from bigsft.data.scan import SplitStats
+    from bigsft.data import setup_data, train_stream
 
     data, model = config(path, max_length=max_length, micro=micro, packing=packing)
-    plan = plan_data(data, model, tok)
+    plan = setup_data(data, model, tok)
     stats = SplitStats()
     stream = train_stream(data, plan, stats, seed=0, dp_rank=0, dp_size=1, micro_batch_size=micro,
                           accumulation=1, pad_id=tok.pad_token_id)
@@ -92,12 +92,12 @@ def tokenizer_tokens_per_s(path: Path, tok) -> float:
 
 def efficiency(path: Path, tok, *, max_length: int, micro: int) -> tuple[float, float]:
     from bigsft.data.inspect import packed_efficiency, padded_efficiency
-    from bigsft.data.loader import SplitStats
-    from bigsft.data.pipeline import plan_data
+    from bigsft.data.scan import SplitStats
+    from bigsft.data import setup_data
     from bigsft.data.stream import source_streams
 
     data, model = config(path, max_length=max_length, micro=micro, packing=False)
-    plan = plan_data(data, model, tok)
+    plan = setup_data(data, model, tok)
     [stream] = source_streams(data.train, "train", plan.build, SplitStats(), seed=0, dp_rank=0, dp_size=1,
                               train=True, buffer_size=1000)
     lengths = []

@@ -40,7 +40,7 @@ def rows_per_micro_batch(cfg: Path) -> int:
     from transformers import AutoTokenizer
 
     from bigsft.config import load_config
-    from bigsft.data.loader import SplitStats, build_samples, read_examples
+    from bigsft.data.scan import SplitStats, build_samples, read_examples
     from bigsft.data.tokenize import SampleBuilder
 
     run = load_config(str(cfg))

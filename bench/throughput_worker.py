@@ -19,7 +19,7 @@ import torch
 def samples_and_tokenizer(cfg):
     from transformers import AutoTokenizer
 
-    from bigsft.data.loader import SplitStats, build_samples, read_examples
+    from bigsft.data.scan import SplitStats, build_samples, read_examples
     from bigsft.data.tokenize import SampleBuilder
 
     tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
@@ -87,13 +87,13 @@ def run_hf(cfg, steps: int, trl: bool) -> list[float]:
 def run_bare(cfg, steps: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
-    from bigsft.data.loader import SplitStats
-    from bigsft.data.pipeline import plan_data, train_stream
+    from bigsft.data.scan import SplitStats
+    from bigsft.data import setup_data, train_stream
     from bigsft.evaluate import summed_loss
     from bigsft.model import build_tokenizer, trained_positions_head
 
     tok = build_tokenizer(cfg.model)
-    plan = plan_data(cfg.data, cfg.model, tok)
+    plan = setup_data(cfg.data, cfg.model, tok)
     stream = train_stream(cfg.data, plan, SplitStats(), seed=0, dp_rank=0, dp_size=1,
                           micro_batch_size=int(sys.argv[4]) if len(sys.argv) > 4 else 2, accumulation=2,
                           pad_id=tok.pad_token_id)

@@ -36,7 +36,7 @@ def validate_command(args: argparse.Namespace) -> int:
     pre = prepared.pre
     print(f"config ok: {args.config}")
     print(f"batch: {pre.batch.describe(f'rows of {cfg.data.max_length}' if cfg.data.packing else 'samples')}")
-    for split, stats in prepared.plan.scanned.items():
+    for split, stats in prepared.data.scanned.items():
         print(f"data.{split}: the first {stats.records} records scanned, {stats.samples} usable, {stats.bad} skipped"
               + (f", {stats.truncated} truncated" if stats.truncated else ""))
         for line in stats.first_bad:
@@ -51,12 +51,12 @@ def validate_command(args: argparse.Namespace) -> int:
 def inspect_command(args: argparse.Namespace) -> int:
     from bigsft.config import load_config
     from bigsft.data.inspect import inspect
-    from bigsft.data.pipeline import plan_data
+    from bigsft.data import setup_data
     from bigsft.model import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = build_tokenizer(cfg.model)
-    inspect(cfg, plan_data(cfg.data, cfg.model, tokenizer), tokenizer, show=args.n, limit=args.limit)
+    inspect(cfg, setup_data(cfg.data, cfg.model, tokenizer), tokenizer, show=args.n, limit=args.limit)
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bigsft import dist, pipeline
+from bigsft import dist, pipe
 from bigsft.checkpoint import (
     _STEP_DIR,
     DS_TAG,
@@ -223,7 +223,7 @@ def export_pipeline_engine(engine, hf_config, out_dir: str | Path, *, tokenizer=
         tmp.mkdir(parents=True)
     dist.barrier()
     if grid.get_data_parallel_rank() == 0:
-        pipeline.write_stage_shard(engine.module, hf_config, tmp, grid.get_stage_id(), grid.get_pipe_parallel_world_size())
+        pipe.write_stage_shard(engine.module, hf_config, tmp, grid.get_stage_id(), grid.get_pipe_parallel_world_size())
     dist.barrier()
     if dist.rank() == 0:
         _finish_pipeline_export(tmp, out, hf_config, tokenizer)
@@ -236,7 +236,7 @@ def _finish_pipeline_export(tmp: Path, out: Path, hf_config, tokenizer) -> None:
 
     from transformers import GenerationConfig
 
-    pipeline.write_index(tmp)
+    pipe.write_index(tmp)
     use_cache = getattr(hf_config, "use_cache", None)
     hf_config.use_cache = True
     hf_config.save_pretrained(tmp)
@@ -263,8 +263,8 @@ def export_pipeline_checkpoint(ds_dir: Path, hf_dir: Path, out_dir: Path, dtype:
     for n, path in enumerate(files):
         index = int(re.match(r"layer_(\d+)", path.name).group(1))
         state = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = {pipeline.hf_name(hf_config, index, k): v.to(dtype) if v.is_floating_point() else v
-                   for k, v in state.items() if pipeline.hf_name(hf_config, index, k) is not None}
+        tensors = {pipe.hf_name(hf_config, index, k): v.to(dtype) if v.is_floating_point() else v
+                   for k, v in state.items() if pipe.hf_name(hf_config, index, k) is not None}
         if tensors:
             save_file({k: v.contiguous() for k, v in tensors.items()},
                       tmp / f"model-{n + 1:05d}-of-{len(files):05d}.safetensors", metadata={"format": "pt"})

@@ -168,7 +168,7 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
         errors += task_problems(hf_config, cfg.model.task, cfg.model.trust_remote_code)
         if cfg.pipeline.stages > 1:
             from bigsft.model import resolve_model_path
-            from bigsft.pipeline import pipeline_problems
+            from bigsft.pipe import pipeline_problems
 
             model_dir = resolve_model_path(cfg.model.name_or_path) if cfg.model.name_or_path else None
             if model_dir is not None and not os.path.isdir(model_dir):

@@ -38,8 +38,8 @@ from bigsft.checkpoint import (
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
 from bigsft.data.batching import Batch
-from bigsft.data.loader import SplitStats, too_many_bad
-from bigsft.data.pipeline import DataPlan, eval_batches, plan_data, train_stream, windows_in_first_epoch
+from bigsft.data.scan import SplitStats, too_many_bad
+from bigsft.data import RunData, eval_batches, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.stream import dummy_batch, source_names
 from bigsft.ds_config import offload_device
 from bigsft.errors import (
@@ -137,7 +137,7 @@ class Prepared:
 
     pre: Preflight
     tokenizer: Any
-    plan: DataPlan
+    data: RunData
     total_steps: int
 
 
@@ -151,11 +151,11 @@ def prepare(cfg: RunConfig, launch) -> Prepared:
     if pre.batch.pipeline_stages > 1 and len(tokenizer) > pre.hf_config.vocab_size:
         raise ConfigError("model.tokenizer: it needed a new <pad> token the checkpoint's embedding lacks; under "
                           "pipeline parallelism give the tokenizer a pad, eos or unk token")
-    plan = plan_data(cfg.data, cfg.model, tokenizer)
-    return Prepared(pre=pre, tokenizer=tokenizer, plan=plan, total_steps=total_optimizer_steps(pre, plan, tokenizer))
+    data = setup_data(cfg.data, cfg.model, tokenizer)
+    return Prepared(pre=pre, tokenizer=tokenizer, data=data, total_steps=total_optimizer_steps(pre, data, tokenizer))
 
 
-def total_optimizer_steps(pre: Preflight, plan: DataPlan, tokenizer) -> int:
+def total_optimizer_steps(pre: Preflight, plan: RunData, tokenizer) -> int:
     """train.max_steps; on resume, the original run's length; else epochs × the first epoch's windows."""
     t, d, bm = pre.cfg.train, pre.cfg.data, pre.batch
     if t.max_steps:
@@ -188,7 +188,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     from bigsft.evaluate import EvalInterrupted, evaluate, summed_loss
     from bigsft.model import build_model, count_parameters, model_dims, trained_positions_head
 
-    pre, tokenizer, plan, total_steps = prepared.pre, prepared.tokenizer, prepared.plan, prepared.total_steps
+    pre, tokenizer, plan, total_steps = prepared.pre, prepared.tokenizer, prepared.data, prepared.total_steps
     cfg, launch, bm = pre.cfg, pre.launch, pre.batch
     t, d = cfg.train, cfg.data
     causal = cfg.model.task == "causal_lm"
@@ -219,7 +219,7 @@ def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
     hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
     pipe = bm.pipeline_stages > 1
     if pipe:  # this rank builds and loads only its own stage's layers
-        from bigsft import pipeline
+        from bigsft import pipe
         from bigsft.model import allow_universal_checkpoints, resolve_model_path, torch_dtype
 
         model, pipe_loss, _ = pipeline.build_pipeline(

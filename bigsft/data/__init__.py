@@ -1,0 +1,96 @@
+"""The data side of a run, assembled: what the recipe calls.
+
+`setup_data` runs before any process group exists: it fixes the label names, builds the tokenizing
+function and scans the first records of every source, so systematically bad data stops the run with
+exit code 2 before anything starts. `train_stream` and `eval_batches` then build each rank's
+streams once ranks are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
+from bigsft.data.batching import Batch, Packer
+from bigsft.data.formats import CONVERSATION_FORMATS
+from bigsft.data.scan import SplitStats, label_names, scan
+from bigsft.data.sources import count_records
+from bigsft.data.stream import MixedStream, TrainStream, source_streams
+from bigsft.data.stream import eval_batches as _eval_batches
+from bigsft.data.tokenize import SampleBuilder, keep_chat_template
+
+
+@dataclass
+class RunData:
+    build: SampleBuilder
+    id2label: dict[int, str] | None
+    weights: list[float]
+    """Sampling weights of the training sources."""
+    scanned: dict[str, SplitStats]
+
+
+def classification_labels(data: DataConfig, model: ModelConfig) -> dict[int, str]:
+    names = label_names(data.train, model.labels)
+    n = model.num_labels or len(names or [])
+    if names is not None and len(names) != n:
+        raise ConfigError(
+            f"data.train: the labels are named {names} ({len(names)} classes) but model.num_labels is {n}; "
+            "list the names in id order in model.labels"
+        )
+    return dict(enumerate(names)) if names else {i: f"LABEL_{i}" for i in range(n)}
+
+
+def source_weights(sources: list[DataSource]) -> list[float]:
+    """Configured weights, or (none configured) each source's number of records."""
+    if len(sources) == 1:
+        return [1.0]
+    if all(s.weight is not None for s in sources):
+        return [float(s.weight) for s in sources]
+    return [float(count_records(s, f"data.train[{i}]")) or 1.0 for i, s in enumerate(sources)]
+
+
+def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
+    id2label = classification_labels(data, model) if model.task == "sequence_classification" else None
+    build = SampleBuilder(
+        tokenizer, max_length=data.max_length, system_prompt=data.system_prompt, chat_template=data.chat_template,
+        train_on=data.train_on, truncation=data.truncation,
+        label2id={v: k for k, v in id2label.items()} if id2label else None,
+        num_labels=len(id2label) if id2label else None,
+    )
+    if model.task == "causal_lm" and any(s.format in CONVERSATION_FORMATS for s in data.train):
+        keep_chat_template(tokenizer, build)
+    scanned = {"train": scan(data.train, "train", build, data.max_bad_fraction)}
+    if data.eval:
+        scanned["eval"] = scan(data.eval, "eval", build, data.max_bad_fraction)
+    return RunData(build, id2label, source_weights(data.train), scanned)
+
+
+def train_stream(data: DataConfig, run_data: RunData, stats: SplitStats, *, seed: int, dp_rank: int, dp_size: int,
+                 micro_batch_size: int, accumulation: int, pad_id: int) -> TrainStream:
+    streams = source_streams(data.train, "train", run_data.build, stats, seed=seed, dp_rank=0, dp_size=1,
+                             train=True, buffer_size=data.shuffle_buffer)
+    mixed = MixedStream(streams, run_data.weights, seed=seed)
+    return TrainStream(mixed, micro_batch_size=micro_batch_size, accumulation=accumulation, dp_rank=dp_rank,
+                       dp_size=dp_size, pad_id=pad_id, pad_to_multiple_of=data.pad_to_multiple_of,
+                       packer=Packer(data.max_length) if data.packing else None)
+
+
+def windows_in_first_epoch(stream: TrainStream) -> int:
+    """Complete global windows (optimizer steps) before every source has been through once."""
+    windows = 0
+    while True:
+        stream.next_global_window()
+        if stream.mixed.epochs_completed() >= 1:
+            return windows
+        windows += 1
+
+
+def eval_batches(data: DataConfig, run_data: RunData, stats: SplitStats, *, dp_rank: int, dp_size: int,
+                 micro_batch_size: int, pad_id: int) -> Iterator[Batch]:
+    """This rank's share of the eval sources, once, in order (every sample on exactly one rank)."""
+    streams = source_streams(data.eval, "eval", run_data.build, stats, seed=0, dp_rank=dp_rank, dp_size=dp_size,
+                             train=False, buffer_size=128)
+    return _eval_batches(streams, micro_batch_size=micro_batch_size, pad_id=pad_id,
+                         pad_to_multiple_of=data.pad_to_multiple_of,
+                         packer=Packer(data.max_length) if data.packing else None)

@@ -16,8 +16,8 @@ from rich.text import Text
 
 from bigsft.config import RunConfig
 from bigsft.data.batching import Packer
-from bigsft.data.loader import SplitStats
-from bigsft.data.pipeline import DataPlan
+from bigsft.data.scan import SplitStats
+from bigsft.data import RunData
 from bigsft.data.stream import source_names, source_streams
 from bigsft.data.tokenize import IGNORE, Sample
 
@@ -85,14 +85,14 @@ def histogram(lengths: list[int], max_length: int, bins: int = 10) -> Table:
     return table
 
 
-def inspect(cfg: RunConfig, plan: DataPlan, tokenizer, *, show: int = 3, limit: int | None = None,
+def inspect(cfg: RunConfig, run_data: RunData, tokenizer, *, show: int = 3, limit: int | None = None,
             console: Console | None = None) -> dict:
     """Print samples and corpus statistics; returns the statistics."""
     console = console or Console(highlight=False, soft_wrap=True)
     stats = SplitStats()
     corpus = CorpusStats()
     names = source_names(cfg.data.train)
-    streams = source_streams(cfg.data.train, "train", plan.build, stats, seed=cfg.train.seed, dp_rank=0, dp_size=1,
+    streams = source_streams(cfg.data.train, "train", run_data.build, stats, seed=cfg.train.seed, dp_rank=0, dp_size=1,
                              train=False, buffer_size=128)
     shown = 0
     for name, stream in zip(names, streams):

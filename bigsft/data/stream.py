@@ -21,7 +21,7 @@ import numpy as np
 from bigsft.config import DataSource
 from bigsft.data.batching import Batch, Packer, collate, collate_packed
 from bigsft.data.formats import PARSERS, BadRecordError
-from bigsft.data.loader import SplitStats
+from bigsft.data.scan import SplitStats
 from bigsft.data.sources import EPOCH_END, BadRecord, DataError, SourceReader, list_files
 from bigsft.data.tokenize import IGNORE, Sample, SampleBuilder
 

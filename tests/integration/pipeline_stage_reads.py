@@ -8,7 +8,7 @@ import sys
 import torch
 
 from bigsft.dist import exit_skipping_teardown, init_process_group, read_launch_env
-from bigsft.pipeline import build_pipeline
+from bigsft.pipe import WeightSource, build_pipeline
 
 
 def main() -> None:
@@ -17,10 +17,20 @@ def main() -> None:
     init_process_group(launch)
     from transformers import AutoConfig
 
-    module, _, source = build_pipeline(AutoConfig.from_pretrained(model_dir), model_dir, stages=2, partition="uniform",
+    read: list[str] = []
+    tensors = WeightSource.tensors
+
+    def recorded(source, prefix):  # every checkpoint tensor this rank's stage asks for
+        out = tensors(source, prefix)
+        read.extend(f"{prefix}.{k}" for k in out)
+        return out
+
+    WeightSource.tensors = recorded
+
+    module, _, _ = build_pipeline(AutoConfig.from_pretrained(model_dir), model_dir, stages=2, partition="uniform",
                                        activation_checkpoint_interval=0, attn_implementation=None, dtype=torch.float32)
     # One write (under PIPE_BUF): the ranks share the launcher's stdout, and print()'s two writes interleave.
-    os.write(1, (json.dumps({"rank": launch.rank, "read": sorted(source.read),
+    os.write(1, (json.dumps({"rank": launch.rank, "read": sorted(read),
                                      "params": sum(p.numel() for p in module.parameters())}) + "\n").encode())
 
 

@@ -51,15 +51,15 @@ def reload_eval_loss(config: Path, final: Path, overrides: tuple[str, ...] = ())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bigsft.config import load_config
-    from bigsft.data.loader import SplitStats
-    from bigsft.data.pipeline import eval_batches, plan_data
+    from bigsft.data.scan import SplitStats
+    from bigsft.data import eval_batches, setup_data
     from bigsft.data.stream import dummy_batch
     from bigsft.evaluate import evaluate
 
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
     cfg = load_config(str(config), overrides)
-    plan = plan_data(cfg.data, cfg.model, tok)
+    plan = setup_data(cfg.data, cfg.model, tok)
     batches = eval_batches(cfg.data, plan, SplitStats(), dp_rank=0, dp_size=1, micro_batch_size=5,
                            pad_id=tok.pad_token_id)
     return evaluate(model, batches, causal=True, num_labels=None, device="cpu",

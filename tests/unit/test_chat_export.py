@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
 
 from bigsft.config import DataConfig, DataSource, ModelConfig
-from bigsft.data.pipeline import plan_data
+from bigsft.data import setup_data
 from bigsft.data.tokenize import DEFAULT_CHAT_TEMPLATE, end_of_turn_ids
 from bigsft.export import save_hf_model
 
@@ -35,7 +35,7 @@ def messages_file(tmp_path):
 
 def plan(tok, path, fmt="messages", task="causal_lm", chat_template=None):
     data = DataConfig(train=[DataSource(path=str(path), format=fmt)], max_length=64, chat_template=chat_template)
-    return plan_data(data, ModelConfig(name_or_path="x", task=task, num_labels=2), tok)
+    return setup_data(data, ModelConfig(name_or_path="x", task=task, num_labels=2), tok)
 
 
 def test_the_run_tokenizer_carries_the_template_its_conversations_are_rendered_with(tokenizer_dir, messages_file,

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from bigsft.config import ConfigError, DataSource
 from bigsft.data.batching import collate
 from bigsft.data.formats import PARSERS, BadRecordError, Completion, Conversation, Labeled
-from bigsft.data.loader import SplitStats, build_samples, read_examples
+from bigsft.data.scan import SplitStats, build_samples, read_examples
 from bigsft.data.sources import BadRecord, Record, list_files, read_source
 from bigsft.data.tokenize import DEFAULT_CHAT_TEMPLATE, IGNORE, Sample, SampleBuilder
 
@@ -487,7 +487,7 @@ def test_data_inspect_reads_llamafactory_v1_records_as_train_does(tmp_path, tok,
 
     from bigsft.config import load_config
     from bigsft.data.inspect import inspect
-    from bigsft.data.pipeline import plan_data
+    from bigsft.data import setup_data
 
     from conftest import causal_config
 
@@ -499,7 +499,7 @@ def test_data_inspect_reads_llamafactory_v1_records_as_train_does(tmp_path, tok,
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = load_config(str(causal_config(tmp_path, llama_dir, train)), ["data.train.0.format=messages"])
     console = Console(record=True, width=200)
-    summary = inspect(cfg, plan_data(cfg.data, cfg.model, tok), tok, show=1, console=console)
+    summary = inspect(cfg, setup_data(cfg.data, cfg.model, tok), tok, show=1, console=console)
     assert summary["records"] == 6 and summary["samples"] == 6 and summary["skipped"] == {}
     build = SampleBuilder(tok, max_length=128)
     assert summary["trained_tokens"] == sum(build(PARSERS["messages"](r, {})).num_targets for r in records)

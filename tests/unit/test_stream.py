@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from bigsft.config import DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Packer
-from bigsft.data.loader import SplitStats
-from bigsft.data.pipeline import eval_batches, plan_data, train_stream, windows_in_first_epoch
+from bigsft.data.scan import SplitStats
+from bigsft.data import eval_batches, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.sources import DataError
 from bigsft.data.stream import MixedStream, source_streams
 from bigsft.data.tokenize import SampleBuilder
@@ -60,7 +60,7 @@ def data_config(paths, **kw) -> DataConfig:
 
 
 def stream_for(tok, data, *, dp_rank=0, dp_size=1, micro=2, accum=2, seed=3):
-    plan = plan_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
+    plan = setup_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
     stats = SplitStats()
     return train_stream(data, plan, stats, seed=seed, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro,
                         accumulation=accum, pad_id=tok.pad_token_id), stats
@@ -124,7 +124,7 @@ def test_mixing_follows_weights_and_logs_what_it_drew(tok, tmp_path):
 def test_unweighted_sources_mix_by_size(tok, tmp_path):
     a = write_texts(tmp_path / "a.jsonl", 0, 90)
     b = write_texts(tmp_path / "b.jsonl", 1000, 30)
-    plan = plan_data(data_config([a, b]), ModelConfig(name_or_path="x", task="causal_lm"), tok)
+    plan = setup_data(data_config([a, b]), ModelConfig(name_or_path="x", task="causal_lm"), tok)
     assert plan.weights == [90.0, 30.0]
 
 
@@ -169,7 +169,7 @@ def test_eval_share_counts_every_sample_once(tok, tmp_path):
     paths = [write_texts(tmp_path / f"e{i}.jsonl", 10 * i, 7) for i in range(3)]
     data = DataConfig(train=[DataSource(path=str(paths[0]), format="text")],
                       eval=[DataSource(path=str(p), format="text") for p in paths], max_length=64)
-    plan = plan_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
+    plan = setup_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
     for world in (1, 2, 4, 5):
         seen = [i for r in range(world) for b in eval_batches(data, plan, SplitStats(), dp_rank=r, dp_size=world,
                                                                 micro_batch_size=3, pad_id=tok.pad_token_id)
@@ -235,4 +235,4 @@ def test_datasource_errors_before_training(tok, tmp_path):
     from bigsft.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.train: 9 of 10 records are unusable \(90.0% > data.max_bad_fraction"):
-        plan_data(data_config([f]), ModelConfig(name_or_path="x", task="causal_lm"), tok)
+        setup_data(data_config([f]), ModelConfig(name_or_path="x", task="causal_lm"), tok)

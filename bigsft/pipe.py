@@ -113,14 +113,13 @@ def safetensors_files(model_dir: Path) -> dict[str, list[str]]:
 
 
 class WeightSource:
-    """Tensors of one checkpoint by prefix, read only when asked for (and recorded, for tests)."""
+    """Tensors of one checkpoint by prefix, read only when asked for."""
 
     _skip_loading = False
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         self.files = safetensors_files(self.dir)
-        self.read: list[str] = []
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -133,7 +132,6 @@ class WeightSource:
             with safe_open(self.dir / name, "pt") as f:
                 for k in wanted:
                     out[k[len(prefix) + 1 :]] = f.get_tensor(k)
-                    self.read.append(k)
         return out
 
 
