@@ -60,14 +60,15 @@ def config(path: Path, *, max_length: int, micro: int, packing: bool):
 
 
 def pipeline_tokens_per_s(path: Path, tok, *, max_length: int, micro: int, packing: bool) -> tuple[float, int]:
-    from bigsft.data.scan import SplitStats
+    from bigsft.batch_math import BatchMath
     from bigsft.data import setup_data, train_stream
+    from bigsft.data.scan import SplitStats
 
     data, model = config(path, max_length=max_length, micro=micro, packing=packing)
     plan = setup_data(data, model, tok)
     stats = SplitStats()
-    stream = train_stream(data, plan, stats, seed=0, dp_rank=0, dp_size=1, micro_batch_size=micro,
-                          accumulation=1, pad_id=tok.pad_token_id)
+    batch = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=1, data_parallel_size=1)
+    stream = train_stream(data, plan, stats, seed=0, batch=batch, dp_rank=0, pad_id=tok.pad_token_id)
     tokens = 0
     start = time.perf_counter()
     while stream.mixed.epochs_completed() < 1:
@@ -91,9 +92,9 @@ def tokenizer_tokens_per_s(path: Path, tok) -> float:
 
 
 def efficiency(path: Path, tok, *, max_length: int, micro: int) -> tuple[float, float]:
+    from bigsft.data import setup_data
     from bigsft.data.inspect import packed_efficiency, padded_efficiency
     from bigsft.data.scan import SplitStats
-    from bigsft.data import setup_data
     from bigsft.data.stream import source_streams
 
     data, model = config(path, max_length=max_length, micro=micro, packing=False)

@@ -35,6 +35,7 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from bigsft.batch_math import BatchMath
     from bigsft.dist import init_process_group, read_launch_env
     from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
     from bigsft.plan import Hardware, Strategy, model_shape, model_states
@@ -44,7 +45,7 @@ def main() -> None:
     init_process_group(launch)
     hf_config = AutoConfig.from_pretrained(model_dir)
     raw, label = load_ds_config(ds_name)
-    values = RunValues(micro_batch_size=1, gradient_accumulation_steps=1, data_parallel_size=launch.world_size, lr=1e-3,
+    values = RunValues(batch=BatchMath(micro_batch_size=1, gradient_accumulation_steps=1, data_parallel_size=launch.world_size), lr=1e-3,
                        adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, dtype="fp32",
                        hidden_size=hf_config.hidden_size)
     ds = resolve_ds_config(raw, label, values, accelerator="cpu")

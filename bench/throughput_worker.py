@@ -87,16 +87,17 @@ def run_hf(cfg, steps: int, trl: bool) -> list[float]:
 def run_bare(cfg, steps: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
-    from bigsft.data.scan import SplitStats
+    from bigsft.batch_math import BatchMath
     from bigsft.data import setup_data, train_stream
+    from bigsft.data.scan import SplitStats
     from bigsft.evaluate import summed_loss
     from bigsft.model import build_tokenizer, trained_positions_head
 
     tok = build_tokenizer(cfg.model)
     plan = setup_data(cfg.data, cfg.model, tok)
-    stream = train_stream(cfg.data, plan, SplitStats(), seed=0, dp_rank=0, dp_size=1,
-                          micro_batch_size=int(sys.argv[4]) if len(sys.argv) > 4 else 2, accumulation=2,
-                          pad_id=tok.pad_token_id)
+    batch = BatchMath(micro_batch_size=int(sys.argv[4]) if len(sys.argv) > 4 else 2, gradient_accumulation_steps=2,
+                      data_parallel_size=1)
+    stream = train_stream(cfg.data, plan, SplitStats(), seed=0, batch=batch, dp_rank=0, pad_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
     model.config.use_cache = False

@@ -166,6 +166,27 @@ class ResumePoint:
         f = self.path / f"rank_{rank:05d}.pt"
         return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
+    def load_into(self, engine, *, zero_stage: int, strict: bool, is_main: bool) -> None:
+        """The engine's state (weights, optimizer, LR schedule) from this checkpoint; through the universal
+        format when the data-parallel world size changed. `strict` False: the checkpoint holds only some
+        weights (a LoRA adapter over a base the run loads anew)."""
+        tag = DS_TAG
+        if self.universal:  # another data-parallel world size: DeepSpeed's universal format reshards
+            tag = UNIVERSAL_TAG
+            self.prepare_universal(is_main=is_main)
+        inner_optimizer = getattr(engine.optimizer, "optimizer", None)
+        weight_decays = [g["weight_decay"] for g in inner_optimizer.param_groups] if inner_optimizer else []
+        loaded, _ = engine.load_checkpoint(str(self.path), tag=tag, load_module_strict=strict,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:  # DeepSpeed returns None instead of failing: never a silent fresh start
+            raise CheckpointError(f"DeepSpeed could not load {self.path / tag}")
+        if self.universal and zero_stage == 3:
+            repair_zero3_universal_load(inner_optimizer, weight_decays)
+
+    def data_state(self) -> dict:
+        """The stream's position and the data counters (data.json)."""
+        return json.loads((self.path / "data.json").read_text())
+
     def convert_to_universal(self) -> None:
         """`ds_to_universal` into the checkpoint's `universal/` (once; rank 0 only)."""
         import subprocess

@@ -50,8 +50,8 @@ def validate_command(args: argparse.Namespace) -> int:
 
 def inspect_command(args: argparse.Namespace) -> int:
     from bigsft.config import load_config
-    from bigsft.data.inspect import inspect
     from bigsft.data import setup_data
+    from bigsft.data.inspect import inspect
     from bigsft.model import build_tokenizer
 
     cfg = load_config(args.config, args.overrides)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -28,9 +29,7 @@ AUTO = "auto"
 class RunValues:
     """What the run config decides and the DeepSpeed JSON must agree with."""
 
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    data_parallel_size: int
+    batch: BatchMath
     lr: float
     adam_betas: tuple[float, float]
     adam_eps: float
@@ -41,11 +40,6 @@ class RunValues:
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.0
     hidden_size: int | None = None
-    pipeline_stages: int = 1
-
-    @property
-    def train_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
 
 
 def shipped_configs() -> list[Path]:
@@ -181,13 +175,13 @@ def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str
     ds = copy.deepcopy(raw)
     f = _Filler(ds, label)
     batch_math = (
-        f"train.micro_batch_size {run.micro_batch_size} × gradient_accumulation_steps "
-        f"{run.gradient_accumulation_steps} × data-parallel world {run.data_parallel_size}"
+        f"train.micro_batch_size {run.batch.micro_batch_size} × gradient_accumulation_steps "
+        f"{run.batch.gradient_accumulation_steps} × data-parallel world {run.batch.data_parallel_size}"
     )
-    f.fill(ds, "train_micro_batch_size_per_gpu", run.micro_batch_size, run_key="train.micro_batch_size", where="")
-    f.fill(ds, "gradient_accumulation_steps", run.gradient_accumulation_steps,
+    f.fill(ds, "train_micro_batch_size_per_gpu", run.batch.micro_batch_size, run_key="train.micro_batch_size", where="")
+    f.fill(ds, "gradient_accumulation_steps", run.batch.gradient_accumulation_steps,
            run_key="train.gradient_accumulation_steps", where="")
-    f.fill(ds, "train_batch_size", run.train_batch_size, run_key=batch_math, where="")
+    f.fill(ds, "train_batch_size", run.batch.global_batch_size, run_key=batch_math, where="")
     f.fill(ds, "gradient_clipping", run.max_grad_norm, run_key="train.max_grad_norm", where="")
 
     optimizer = ds.get("optimizer")
@@ -214,7 +208,7 @@ def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str
 
     _fill_precision(ds, f, run.dtype)
     _fill_zero(ds, f, run)
-    if run.pipeline_stages > 1 and zero_stage(ds) == 0:
+    if run.batch.pipeline_stages > 1 and zero_stage(ds) == 0:
         # DeepSpeed's ZeRO-0 clipping would see one stage's gradients only: bigsft's optimizer clips by the
         # norm over all stages (train.max_grad_norm) instead.
         ds["gradient_clipping"] = 0.0
@@ -294,12 +288,12 @@ def _fill_zero(ds: dict, f: _Filler, run: RunValues) -> None:
             f"deepspeed: {f.label}: offload_param needs ZeRO stage 3, the JSON has stage {stage}; "
             "use ds_configs/zero3_offload.json"
         )
-    if run.pipeline_stages > 1 and run.dtype == "fp16":
+    if run.batch.pipeline_stages > 1 and run.dtype == "fp16":
         f.errors.append(
             "model.dtype: fp16 under pipeline parallelism is not supported; use bf16, or pipeline.stages=1 "
             "with ZeRO (at ZeRO-0 DeepSpeed's pipeline engine never hands its fp16 optimizer a scaled loss)"
         )
-    if run.pipeline_stages > 1 and stage > 1:
+    if run.batch.pipeline_stages > 1 and stage > 1:
         f.errors.append(
             f"deepspeed: {f.label}: pipeline parallelism works with ZeRO stage 0 or 1 only (a DeepSpeed "
             f"limitation), the JSON has stage {stage}"

@@ -10,8 +10,10 @@ start from their hidden first step, and the logged gradient norm must be the tru
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-from bigsft import dist
+import torch
+
 from bigsft.config import RunConfig
 
 
@@ -39,51 +41,67 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offload: bool, pipeline_dp: int = 0):
-    """AdamW; DeepSpeed's CPU Adam when the optimizer state lives on the host (ZeRO-Offload).
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights and state untouched when a gradient is not finite. DeepSpeed's ZeRO
+    optimizers do this themselves; under ZeRO-0 the engine reads `overflow` to count the skip."""
 
-    `pipeline_dp`: under pipeline parallelism with ZeRO-0, the data-parallel size; this optimizer then
-    clips by the norm over all stages itself (DeepSpeed's ZeRO-0 clipping sees one stage only)."""
+    overflow = False
+
+    def gradients(self) -> list[torch.Tensor]:
+        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def check(self) -> bool:
+        """Whether this step's gradients are usable (a subclass may also clip them here)."""
+        grads = self.gradients()
+        return not grads or all(bool(torch.isfinite(g).all()) for g in grads)
+
+    def step(self, closure=None):
+        self.overflow = not self.check()
+        return None if self.overflow else super().step(closure)
+
+
+def build_optimizer(groups: list[dict], cfg: RunConfig, *, zero_stage: int, offload: bool,
+                    zero0: Callable[..., SkippingAdamW] = SkippingAdamW):
+    """AdamW; DeepSpeed's CPU Adam when the optimizer state lives on the host (ZeRO-Offload); at ZeRO-0,
+    `zero0`, which skips non-finite steps (pipeline parallelism passes one that also clips)."""
     t = cfg.train
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps, adamw_mode=True)
-    import torch
-
     if zero_stage > 0:  # DeepSpeed's ZeRO optimizers skip non-finite steps themselves
         return torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+    return zero0(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
 
-    class SkippingAdamW(torch.optim.AdamW):
-        """AdamW that leaves weights and state untouched when a gradient is not finite. DeepSpeed's ZeRO
-        optimizers do this themselves; under ZeRO-0 the engine reads `overflow` to count the skip."""
 
-        overflow = False
-        _global_grad_norm = None
+def lr_schedule(cfg: RunConfig, total_steps: int):
+    """bigsft's LR schedule over its own step counter, for `deepspeed.initialize(lr_scheduler=...)`."""
+    t = cfg.train
+    warmup = t.warmup_for(total_steps)
 
-        def step(self, closure=None):
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if pipeline_dp:
-                # Stages hold different layers: sum their squares (tied copies once) over the world.
-                params = [p for g in self.param_groups for p in g["params"]
-                          if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-                local = sum(float(p.grad.detach().float().pow(2).sum()) for p in params)
-                (total,) = dist.all_reduce_sum([local])
-                self._global_grad_norm = math.sqrt(total / pipeline_dp)
-                self.overflow = not math.isfinite(self._global_grad_norm)
-                if not self.overflow and t.max_grad_norm and self._global_grad_norm > t.max_grad_norm:
-                    for grad in grads:
-                        grad.mul_(t.max_grad_norm / (self._global_grad_norm + 1e-6))
-            else:
-                self.overflow = bool(grads) and not all(torch.isfinite(g).all() for g in grads)
-            return None if self.overflow else super().step(closure)
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+            s, total=total_steps, warmup=warmup, schedule=t.lr_schedule, min_ratio=t.min_lr_ratio))
 
-    return SkippingAdamW(groups, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps)
+    return scheduler
+
+
+def initialize_engine(model, cfg: RunConfig, ds: dict, total_steps: int, *, zero_stage: int, offload: bool,
+                      zero0: Callable[..., SkippingAdamW] = SkippingAdamW):
+    """`deepspeed.initialize` with bigsft's optimizer and schedule, unless the DeepSpeed JSON names its own."""
+    import deepspeed
+
+    groups = param_groups(model, cfg.train.weight_decay)
+    optimizer = (build_optimizer(groups, cfg, zero_stage=zero_stage, offload=offload, zero0=zero0)
+                 if "optimizer" not in ds else None)
+    scheduler = lr_schedule(cfg, total_steps) if "scheduler" not in ds else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
+                                      lr_scheduler=scheduler, config=ds)
+    return engine
 
 
 def grad_norm_of(module) -> float:
     """Global L2 norm of full (unpartitioned) gradients, for ZeRO-0 in fp32 where DeepSpeed keeps none."""
-    import torch
 
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -93,8 +111,6 @@ def skip_non_finite_steps(optimizer) -> None:
     """Make `optimizer.step` leave weights and state alone when a gradient is not finite, and set
     `optimizer.overflow`, which DeepSpeed's engine reads to skip the LR schedule and report the skip. For an
     optimizer built by DeepSpeed from the JSON at ZeRO-0 in fp32, where no DeepSpeed wrapper checks."""
-    import torch
-
     step = optimizer.step
 
     def checked_step(*args, **kwargs):

@@ -31,6 +31,7 @@ from bigsft.config import ConfigError
 from bigsft.data.batching import Batch
 from bigsft.data.tokenize import IGNORE
 from bigsft.model import model_dims
+from bigsft.optim import SkippingAdamW
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")
 
@@ -337,6 +338,30 @@ def pipeline_inputs(batch: Batch) -> tuple[tuple[torch.Tensor, torch.Tensor], to
     pads = (~mask).long().cumsum(-1) - 1
     position_ids = torch.where(mask, real, pads)
     return (inputs["input_ids"], position_ids), batch.targets
+
+
+class PipelineAdamW(SkippingAdamW):
+    """The ZeRO-0 optimizer under pipeline parallelism. DeepSpeed's ZeRO-0 clipping sees one stage's
+    gradients only: this one takes the norm over all stages (tied copies once) and clips by it itself."""
+
+    _global_grad_norm = None  # what the engine's get_global_grad_norm() reports
+
+    def __init__(self, params, *, max_grad_norm: float, data_parallel_size: int, **adamw):
+        super().__init__(params, **adamw)
+        self.max_grad_norm, self.data_parallel_size = max_grad_norm, data_parallel_size
+
+    def check(self) -> bool:
+        params = [p for g in self.param_groups for p in g["params"]
+                  if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        local = sum(float(p.grad.detach().float().pow(2).sum()) for p in params)
+        (total,) = dist.all_reduce_sum([local])  # every replica's stages: each layer dp times
+        self._global_grad_norm = math.sqrt(total / self.data_parallel_size)
+        if not math.isfinite(self._global_grad_norm):
+            return False
+        if self.max_grad_norm and self._global_grad_norm > self.max_grad_norm:
+            for grad in self.gradients():
+                grad.mul_(self.max_grad_norm / (self._global_grad_norm + 1e-6))
+        return True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,92 +11,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigsft.batch_math import BatchMath, batch_math
 from bigsft.checkpoint import ResumePoint, find_resume_point, run_identity
-from bigsft.config import ConfigError, RunConfig, TrainConfig
+from bigsft.config import ConfigError, RunConfig
 from bigsft.dist import LaunchEnv
 from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchMath:
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    data_parallel_size: int
-    pipeline_stages: int
-    world_size: int
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
-
-    def describe(self, unit: str = "samples") -> str:
-        return (f"micro {self.micro_batch_size} × accumulation {self.gradient_accumulation_steps} × "
-                f"data-parallel {self.data_parallel_size} = global {self.global_batch_size} {unit} per step"
-                + (f" (world {self.world_size} = {self.pipeline_stages} pipeline stages × "
-                   f"{self.data_parallel_size} data-parallel)" if self.pipeline_stages > 1 else ""))
-
-
-def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int,
-               saved_global_batch: int | None = None) -> tuple[BatchMath | None, list[str]]:
-    """`saved_global_batch`: the global batch of the checkpoint this run resumes. It is kept on any world
-    size, so every step trains on the samples it would have (accumulation is derived again), and a config
-    that asks for another global batch is refused rather than silently changing the run."""
-    if world_size % pipeline_stages:
-        return None, [f"pipeline.stages: {pipeline_stages} does not divide the world size {world_size}"]
-    dp = world_size // pipeline_stages
-    micro, accum, target = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
-    per_accum_step = micro * dp
-    if saved_global_batch is not None:
-        problem = _kept_batch_problem(micro, accum, target, dp, saved_global_batch)
-        if problem:
-            return None, [problem]
-        target = saved_global_batch
-    if target is not None:
-        if accum is None:
-            if target % per_accum_step:
-                return None, [
-                    f"train.global_batch_size: {target} is not a multiple of train.micro_batch_size {micro} × "
-                    f"data-parallel world {dp} = {per_accum_step}; change one of them"
-                ]
-            accum = target // per_accum_step
-        elif accum * per_accum_step != target:
-            return None, [
-                f"batch math does not add up: train.micro_batch_size {micro} × gradient_accumulation_steps {accum} × "
-                f"data-parallel world {dp} = {accum * per_accum_step}, but train.global_batch_size is {target}"
-            ]
-    math = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=accum or 1, data_parallel_size=dp,
-                     pipeline_stages=pipeline_stages, world_size=world_size)
-    return math, []
-
-
-def _kept_batch_problem(micro: int, accum: int | None, target: int | None, dp: int, saved: int) -> str | None:
-    per_accum_step = micro * dp
-    if target is not None and target != saved:
-        return (f"train.global_batch_size: {target}, but the checkpoint was trained with global batch {saved}: a "
-                f"resumed run keeps its global batch; set train.global_batch_size={saved} or leave it unset, or "
-                "start a new run in another output_dir")
-    if accum is not None and accum * per_accum_step != saved:
-        fix = (f"set train.gradient_accumulation_steps={saved // per_accum_step} or leave it unset"
-               if saved % per_accum_step == 0 else "change train.micro_batch_size or the world size")
-        return (f"train.gradient_accumulation_steps: {accum} makes micro {micro} × {accum} × data-parallel world "
-                f"{dp} = {accum * per_accum_step} per step, but the checkpoint was trained with global batch "
-                f"{saved}; {fix} to keep it, or start a new run in another output_dir")
-    if saved % per_accum_step:
-        return (f"this run resumes a checkpoint trained with global batch {saved} per step, which "
-                f"train.micro_batch_size {micro} × data-parallel world {dp} = {per_accum_step} does not divide; "
-                "resume on a world size (or with a micro batch) that divides it")
-    return None
 
 
 def run_values(cfg: RunConfig, batch: BatchMath, *, hidden_size: int | None, total_steps: int | None) -> RunValues:
     t = cfg.train
     warmup = t.warmup_for(total_steps) if total_steps is not None else None
     return RunValues(
-        micro_batch_size=batch.micro_batch_size, gradient_accumulation_steps=batch.gradient_accumulation_steps,
-        data_parallel_size=batch.data_parallel_size, lr=t.lr, adam_betas=t.adam_betas, adam_eps=t.adam_eps,
+        batch=batch, lr=t.lr, adam_betas=t.adam_betas, adam_eps=t.adam_eps,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, dtype=cfg.model.dtype, total_steps=total_steps,
         warmup_steps=warmup, min_lr_ratio=t.min_lr_ratio, hidden_size=hidden_size,
-        pipeline_stages=cfg.pipeline.stages,
     )
 
 

@@ -1,13 +1,19 @@
 """The training recipe: `python -m bigsft.train CONFIG [key.path=value ...]` (and `bigsft train`).
 
-Reads top to bottom in data-flow order: config -> preflight (config, DeepSpeed JSON, model config,
-data, checkpoint to resume) -> process group -> model -> engine -> resume -> loop (forward, backward,
-step, log, eval, save) -> final eval -> export. Everything that can be wrong with the config, the data
-or the checkpoint is found before training starts (exit code 2).
+    prepared = prepare(config, launch)   # every check before any process group: config, DeepSpeed JSON,
+                                         # model config, tokenizer, data scan, checkpoint; the run length
+    with Trainer(prepared) as trainer:
+        trainer.setup()                  # process group, run directory, engine, data stream
+        trainer.resume()                 # engine, counters, data position; random state last
+        trainer.fit(stop)                # window -> step -> count -> log / eval / save
+        trainer.finish(stop)             # final eval, last checkpoint, export to final/
+
+How a step runs (a ZeRO engine over the whole model, or a pipeline engine over this rank's stage) is
+`bigsft.steps`; what a log line reports is `bigsft.meter`.
 
 Exit codes: 0 finished; 1 failed (a save that could not be written, a diverged run), with one message;
-2 bad config, data or checkpoint; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint: launch the
-same command again to resume.
+2 bad config, data or checkpoint, found before training starts; 75 stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint: launch the same command again to resume.
 """
 
 from __future__ import annotations
@@ -19,58 +25,40 @@ import os
 import random
 import signal
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bigsft import dist, tracking
 from bigsft.arguments import parse
 from bigsft.checkpoint import (
-    DS_TAG,
-    UNIVERSAL_TAG,
     Checkpointer,
     check_ranks_agree,
     clean_leftovers,
     lock_output_dir,
-    repair_zero3_universal_load,
     restore_rank_state,
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
-from bigsft.data.batching import Batch
-from bigsft.data.scan import SplitStats, too_many_bad
 from bigsft.data import RunData, eval_batches, setup_data, train_stream, windows_in_first_epoch
-from bigsft.data.stream import dummy_batch, source_names
+from bigsft.data.scan import SplitStats, too_many_bad
+from bigsft.data.stream import source_names
 from bigsft.ds_config import offload_device
 from bigsft.errors import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_SAVED,
     EXIT_USER,
-    CheckpointError,
     DataError,
     Diverged,
     RunFailed,
     StoppedAndSaved,
     UserError,
 )
-from bigsft.export import export_engine, export_pipeline_engine
-from bigsft.optim import (
-    build_optimizer,
-    fp16_loss_scale,
-    grad_norm_of,
-    lr_factor,
-    param_groups,
-    scaled_by_caller,
-    skip_non_finite_steps,
-    undo_init_step,
-)
+from bigsft.meter import Meter
+from bigsft.optim import fp16_loss_scale
 from bigsft.preflight import Preflight, preflight
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-# --------------------------------------------------------------------------------------------------
-# Arguments
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
@@ -78,10 +66,6 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], int | None]:
     `--local_rank=N` first; `--help` prints the usage and exits 0."""
     _, args = parse(["train", *argv])
     return args.config, args.overrides, args.local_rank
-
-
-# --------------------------------------------------------------------------------------------------
-# The run
 
 
 def seed_everything(seed: int) -> None:
@@ -95,17 +79,6 @@ def seed_everything(seed: int) -> None:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
-
-
-def _norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else None
-
-
-def data_parallel_rank(rank: int, data_parallel_size: int) -> int:
-    """DeepSpeed's pipe x data grid puts data-parallel ranks innermost: rank = stage * dp + dp_rank, so
-    the pipeline stages of one replica share a dp_rank and see the same data."""
-    return rank % data_parallel_size
 
 
 class StopRequest:
@@ -130,6 +103,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+# --------------------------------------------------------------------------------------------------
+# Before any process group: everything checked, the run's length, the DeepSpeed dict as it will be used
+
+
 @dataclass(frozen=True)
 class Prepared:
     """Everything known and checked before a process group exists: what `bigsft validate` reports and
@@ -139,6 +116,9 @@ class Prepared:
     tokenizer: Any
     data: RunData
     total_steps: int
+    ds: dict
+    """The DeepSpeed dict, resolved once against the run config and the run length: what the engine gets and
+    what `ds_config.json` shows."""
 
 
 def prepare(cfg: RunConfig, launch) -> Prepared:
@@ -152,10 +132,11 @@ def prepare(cfg: RunConfig, launch) -> Prepared:
         raise ConfigError("model.tokenizer: it needed a new <pad> token the checkpoint's embedding lacks; under "
                           "pipeline parallelism give the tokenizer a pad, eos or unk token")
     data = setup_data(cfg.data, cfg.model, tokenizer)
-    return Prepared(pre=pre, tokenizer=tokenizer, data=data, total_steps=total_optimizer_steps(pre, data, tokenizer))
+    total_steps = total_optimizer_steps(pre, data, tokenizer)
+    return Prepared(pre=pre, tokenizer=tokenizer, data=data, total_steps=total_steps, ds=pre.resolved_ds(total_steps))
 
 
-def total_optimizer_steps(pre: Preflight, plan: RunData, tokenizer) -> int:
+def total_optimizer_steps(pre: Preflight, data: RunData, tokenizer) -> int:
     """train.max_steps; on resume, the original run's length; else epochs × the first epoch's windows."""
     t, d, bm = pre.cfg.train, pre.cfg.data, pre.batch
     if t.max_steps:
@@ -165,9 +146,7 @@ def total_optimizer_steps(pre: Preflight, plan: RunData, tokenizer) -> int:
     # A sizing pass over the first epoch of the global stream (the same for every rank), which also counts
     # every unusable record before training starts.
     sizing = SplitStats()
-    stream = train_stream(d, plan, sizing, seed=t.seed, dp_rank=0, dp_size=bm.data_parallel_size,
-                          micro_batch_size=bm.micro_batch_size, accumulation=bm.gradient_accumulation_steps,
-                          pad_id=tokenizer.pad_token_id)
+    stream = train_stream(d, data, sizing, seed=t.seed, batch=bm, dp_rank=0, pad_id=tokenizer.pad_token_id)
     steps_per_epoch = windows_in_first_epoch(stream)
     message = too_many_bad("train", sizing.records, sizing.bad, d.max_bad_fraction, sizing)
     if message:
@@ -178,349 +157,311 @@ def total_optimizer_steps(pre: Preflight, plan: RunData, tokenizer) -> int:
     return t.epochs * steps_per_epoch
 
 
-def train(prepared: Prepared, stop: StopRequest) -> dict[str, float]:
-    """Run training; returns the final eval metrics (empty without eval data)."""
-    import deepspeed
-    import torch
-    from deepspeed.accelerator import get_accelerator
-    from transformers.integrations import HfDeepSpeedConfig
+# --------------------------------------------------------------------------------------------------
+# The run
 
-    from bigsft.evaluate import EvalInterrupted, evaluate, summed_loss
-    from bigsft.model import build_model, count_parameters, model_dims, trained_positions_head
 
-    pre, tokenizer, plan, total_steps = prepared.pre, prepared.tokenizer, prepared.data, prepared.total_steps
-    cfg, launch, bm = pre.cfg, pre.launch, pre.batch
-    t, d = cfg.train, cfg.data
-    causal = cfg.model.task == "causal_lm"
-    is_main = launch.is_main
-    out_dir = Path(cfg.output_dir)
-    dp_rank = data_parallel_rank(launch.rank, bm.data_parallel_size)
-    resume = pre.resume
+@dataclass
+class TrainState:
+    """What the loop counts. Saved in every checkpoint's trainer.json, and restored on resume."""
 
-    dist.init_process_group(launch)
-    check_ranks_agree(resume)  # each rank chose it from its own view of the filesystem
-    lock_output_dir(out_dir)  # before anything reads or writes output_dir for this run
-    tracking.quiet_libraries(is_main)
-    seed_everything(t.seed)
+    total_steps: int
+    step: int = 0
+    trained_tokens: int = 0
+    skipped_steps: int = 0
+    tracking_run_id: str | None = None
+    last_eval_step: int = -1
+    """An eval that a stop signal cut short is not recorded: the relaunch runs it again."""
+    last_save_step: int = field(default=-1, metadata={"saved": False})
+    skipped_in_a_row: int = field(default=0, metadata={"saved": False})
 
-    def new_stream(stats: SplitStats):
-        return train_stream(d, plan, stats, seed=t.seed, dp_rank=dp_rank, dp_size=bm.data_parallel_size,
-                            micro_batch_size=bm.micro_batch_size, accumulation=bm.gradient_accumulation_steps,
-                            pad_id=tokenizer.pad_token_id)
+    def state_dict(self) -> dict:
+        saved = {f for f, meta in self.__dataclass_fields__.items() if meta.metadata.get("saved", True)}
+        return {k: v for k, v in asdict(self).items() if k in saved}
 
-    ds = pre.resolved_ds(total_steps)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(out_dir)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    @classmethod
+    def resumed(cls, saved: dict, total_steps: int) -> TrainState:
+        step = saved["step"]
+        return cls(total_steps=total_steps, step=step, trained_tokens=saved["trained_tokens"],
+                   skipped_steps=saved["skipped_steps"], tracking_run_id=saved.get("tracking_run_id"),
+                   last_eval_step=saved.get("last_eval_step", step), last_save_step=step)
 
-    # Under ZeRO-3 transformers sees this object and builds the model already partitioned.
-    hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
-    pipe = bm.pipeline_stages > 1
-    if pipe:  # this rank builds and loads only its own stage's layers
-        from bigsft import pipe
-        from bigsft.model import allow_universal_checkpoints, resolve_model_path, torch_dtype
 
-        model, pipe_loss, _ = pipeline.build_pipeline(
-            pre.hf_config, resolve_model_path(cfg.model.name_or_path), stages=bm.pipeline_stages,
-            partition=cfg.pipeline.partition, activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
-            attn_implementation=cfg.model.attn_implementation, dtype=torch_dtype(cfg.model.dtype))
-        allow_universal_checkpoints(model)
-    else:
-        model = build_model(cfg.model, pre.hf_config, tokenizer=tokenizer, id2label=plan.id2label, seed=t.seed)
-    head = trained_positions_head(model, pre.hf_config) if causal and not pipe else None
-    total_params, trainable_params = count_parameters(model)
-    if pipe:  # each stage counted its own layers
-        total_params, trainable_params = (int(x / bm.data_parallel_size)
-                                          for x in dist.all_reduce_sum([total_params, trainable_params]))
+class Trainer:
+    """One run, in phases: `setup`, `resume`, `fit`, `finish`. As a context manager it closes the tracker
+    and the process group however the run ends."""
 
-    groups = param_groups(model, t.weight_decay)
-    optimizer = scheduler = None
-    if "optimizer" not in ds:
-        optimizer = build_optimizer(groups, cfg, zero_stage=pre.zero_stage, offload=pre.offload_optimizer != "none",
-                                    pipeline_dp=bm.data_parallel_size if pipe else 0)
-    if "scheduler" not in ds:
-        warmup = t.warmup_for(total_steps)
+    def __init__(self, prepared: Prepared):
+        self.prepared, self.pre, self.cfg = prepared, prepared.pre, prepared.pre.cfg
+        self.batch, self.launch = prepared.pre.batch, prepared.pre.launch
+        self.is_main = self.launch.is_main
+        self.out_dir = Path(self.cfg.output_dir)
+        self.causal = self.cfg.model.task == "causal_lm"
+        # LoRA on pretrained weights: checkpoints hold only the adapter; every start reloads the frozen base.
+        self.lora_reloads_base = self.cfg.model.lora is not None and self.cfg.model.name_or_path is not None
+        self.state = TrainState(total_steps=prepared.total_steps)
+        self.results: dict[str, dict[str, float]] = {}
+        self.tracker: tracking.Tracker | None = None
+        self.grad_norm: float | None = None
 
-        def scheduler(opt):
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
-                s, total=total_steps, warmup=warmup, schedule=t.lr_schedule, min_ratio=t.min_lr_ratio))
+    def __enter__(self) -> Trainer:
+        return self
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
-                                      lr_scheduler=scheduler, config=ds)
-    # LoRA on pretrained weights: checkpoints hold only the adapter; every start reloads the frozen base.
-    lora_reloads_base = cfg.model.lora is not None and cfg.model.name_or_path is not None
-    device = get_accelerator().current_device_name()
-    # ZeRO-0 keeps no usable norm in fp32 (none) or fp16 (a loss-scaled one): the loop measures it itself.
-    own_grad_norm = pre.zero_stage == 0 and cfg.model.dtype in ("fp32", "fp16")
-    caller_scales = scaled_by_caller(engine)
-    if "optimizer" in ds and pre.zero_stage == 0 and cfg.model.dtype == "fp32" and not pipe:
-        skip_non_finite_steps(engine.optimizer)  # the JSON's optimizer, which nothing else checks at ZeRO-0
-    if caller_scales:
-        undo_init_step(engine)
-    fp16 = ds.get("fp16", {})
-    # A skip at the scaler's floor (or with a static scale) cannot be an fp16 warm-up: it counts as divergence.
-    min_loss_scale = float(fp16.get("min_loss_scale", 1) if not fp16.get("loss_scale") else fp16["loss_scale"])
+    def __exit__(self, *exc) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        dist.destroy_process_group()
 
-    # Resume: engine state, then counters, data position, and each rank's random generators last, so
-    # nothing consumes randomness between them and the first step.
-    stats = SplitStats()
-    stream = new_stream(stats)
-    start_step, trained_tokens, skipped_steps, run_id = 0, 0, 0, None
-    if resume is not None:
-        load_dir, tag = resume.path, DS_TAG
-        if resume.universal:  # another data-parallel world size: DeepSpeed's universal format reshards
-            tag = UNIVERSAL_TAG
-            resume.prepare_universal(is_main=is_main)
-        inner_optimizer = getattr(engine.optimizer, "optimizer", None)
-        weight_decays = [g["weight_decay"] for g in inner_optimizer.param_groups] if inner_optimizer else []
-        loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=not lora_reloads_base,
-                                           load_optimizer_states=True, load_lr_scheduler_states=True)
-        if loaded is None:  # DeepSpeed returns None instead of failing: never a silent fresh start
-            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
-        if resume.universal and pre.zero_stage == 3:
-            repair_zero3_universal_load(inner_optimizer, weight_decays)
-        abandoned = resume.set_aside_newer(out_dir, is_main=is_main)
-        if abandoned is not None:
-            tracking.info(f"resuming from an older checkpoint: moved the abandoned run's newer checkpoints "
-                          f"({', '.join(sorted(p.name for p in abandoned.iterdir()))}) to {abandoned}", enabled=is_main)
-        data_state = json.loads((resume.path / "data.json").read_text())
-        stream.load_state_dict(data_state["stream"])
-        stats.load_state_dict(data_state["stats"])
-        start_step = resume.trainer["step"]
-        trained_tokens = resume.trainer["trained_tokens"]
-        skipped_steps = resume.trainer["skipped_steps"]
-        run_id = resume.trainer.get("tracking_run_id")
-        if resume.rank_state(launch.rank) is not None:
-            restore_rank_state(resume.rank_state(launch.rank))
+    # ---------------------------------------------------------------------------------------------- setup
 
-    tracker = tracking.Tracker(out_dir, enabled=is_main, wandb_cfg=cfg.wandb, run_config=to_dict(cfg),
-                               total_steps=total_steps, resume_step=start_step if resume else None, run_id=run_id)
-    checkpointer = Checkpointer(out_dir, t.keep_last, launch.rank)
-    offload = pre.offload_optimizer
-    names = source_names(d.train)
-    tracker.table("bigsft", [
-        ("model", f"{cfg.model.name_or_path or cfg.model.config.get('model_type')} ({cfg.model.task})"),
-        ("parameters", f"{_count(total_params)} ({_count(trainable_params)} trainable"
-                       + (f", LoRA r={cfg.model.lora.r}" if cfg.model.lora else "") + ")"),
-        ("precision", cfg.model.dtype + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")),
-        ("strategy", f"ZeRO-{pre.zero_stage}" + (f", optimizer offload to {offload}" if offload != "none" else "")
-         + (f", parameter offload to {offload_device(ds, 'offload_param')}"
-            if offload_device(ds, "offload_param") != "none" else "")),
-        ("world", f"{launch.world_size} rank(s): {bm.data_parallel_size} data-parallel × {bm.pipeline_stages} "
-                  f"pipeline stage(s), {pre.accelerator}"),
-        ("batch", bm.describe(f"rows of {d.max_length}" if d.packing else "samples")),
-        ("data", ", ".join(f"{n} {w / sum(plan.weights):.0%}" for n, w in zip(names, plan.weights))
-         + (", packed" if d.packing else "")),
-        ("steps", f"{total_steps}" + (f", resuming at {start_step}" if resume else "")),
-        ("output", str(out_dir)),
-    ])
-    if resume:
-        converted = resume.trainer["identity"]["data_parallel_size"]
-        tracking.info(f"resumed from {resume.path} at step {start_step}"
-                      + (f" (converted from {converted} data-parallel ranks)" if resume.universal else ""),
-                      enabled=is_main)
-    layers, hidden = model_dims(pre.hf_config)
-    peak = tracking.peak_tflops(t.peak_tflops, cfg.model.dtype)
-    for line in plan.scanned["train"].first_bad:
-        tracking.info(f"[yellow]skipped[/] {line}", enabled=is_main)
+    def setup(self) -> None:
+        """Process group, run directory (config.yaml and ds_config.json as used), engine, data stream."""
+        from bigsft.steps import PipelineSteps, ZeroSteps
 
-    eval_stats = SplitStats()
-    eval_micro = t.eval_micro_batch_size or t.micro_batch_size
-    dummy = dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id)
-    num_labels = len(plan.id2label) if plan.id2label else None
+        cfg, ds = self.cfg, self.prepared.ds
+        dist.init_process_group(self.launch)
+        check_ranks_agree(self.pre.resume)  # each rank chose it from its own view of the filesystem
+        lock_output_dir(self.out_dir)  # before anything reads or writes output_dir for this run
+        tracking.quiet_libraries(self.is_main)
+        seed_everything(cfg.train.seed)
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.out_dir)
+            (self.out_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+        self.steps = (PipelineSteps if self.batch.pipeline_stages > 1 else ZeroSteps)(self.prepared, ds)
+        self.engine = self.steps.engine
+        fp16 = ds.get("fp16", {})
+        # A skip at the scaler's floor (or with a static scale) cannot be an fp16 warm-up: it counts as divergence.
+        self.min_loss_scale = float(fp16.get("min_loss_scale", 1) if not fp16.get("loss_scale") else fp16["loss_scale"])
+        self.stats = SplitStats()
+        self.dp_rank = self.batch.data_parallel_rank(self.launch.rank)
+        self.stream = train_stream(cfg.data, self.prepared.data, self.stats, seed=cfg.train.seed, batch=self.batch,
+                                   dp_rank=self.dp_rank, pad_id=self.prepared.tokenizer.pad_token_id)
+        self.checkpointer = Checkpointer(self.out_dir, cfg.train.keep_last, self.launch.rank)
 
-    def run_eval(step: int) -> dict[str, float] | None:
+    # --------------------------------------------------------------------------------------------- resume
+
+    def resume(self) -> None:
+        """From the checkpoint preflight chose (if any): engine state, then counters and data position; then
+        the tracker (which continues the run's W&B run) and the start-up table; each rank's random
+        generators last, so nothing consumes randomness between them and the first step."""
+        from bigsft.model import model_dims
+
+        resume = self.pre.resume
+        if resume is not None:
+            resume.load_into(self.engine, zero_stage=self.pre.zero_stage, strict=not self.lora_reloads_base,
+                             is_main=self.is_main)
+            abandoned = resume.set_aside_newer(self.out_dir, is_main=self.is_main)
+            if abandoned is not None:
+                tracking.info(f"resuming from an older checkpoint: moved the abandoned run's newer checkpoints "
+                              f"({', '.join(sorted(p.name for p in abandoned.iterdir()))}) to {abandoned}",
+                              enabled=self.is_main)
+            data_state = resume.data_state()
+            self.stream.load_state_dict(data_state["stream"])
+            self.stats.load_state_dict(data_state["stats"])
+            self.state = TrainState.resumed(resume.trainer, self.prepared.total_steps)
+        self.tracker = tracking.Tracker(self.out_dir, enabled=self.is_main, wandb_cfg=self.cfg.wandb,
+                                        run_config=to_dict(self.cfg), total_steps=self.state.total_steps,
+                                        resume_step=self.state.step if resume else None,
+                                        run_id=self.state.tracking_run_id)
+        self.state.tracking_run_id = self.tracker.run_id
+        layers, hidden = model_dims(self.pre.hf_config)
+        self.meter = Meter(parameters=self.steps.parameters[0], layers=layers, hidden=hidden,
+                           world_size=self.launch.world_size, causal=self.causal,
+                           peak_tflops=tracking.peak_tflops(self.cfg.train.peak_tflops, self.cfg.model.dtype))
+        self.report_start()
+        if resume is not None and resume.rank_state(self.launch.rank) is not None:
+            restore_rank_state(resume.rank_state(self.launch.rank))
+
+    def report_start(self) -> None:
+        cfg, pre, bm, d, ds = self.cfg, self.pre, self.batch, self.cfg.data, self.prepared.ds
+        total, trainable = self.steps.parameters
+        offload, param_offload = pre.offload_optimizer, offload_device(ds, "offload_param")
+        names, weights = source_names(d.train), self.prepared.data.weights
+        resume = pre.resume
+        self.tracker.table("bigsft", [
+            ("model", f"{cfg.model.name_or_path or cfg.model.config.get('model_type')} ({cfg.model.task})"),
+            ("parameters", f"{_count(total)} ({_count(trainable)} trainable"
+                           + (f", LoRA r={cfg.model.lora.r}" if cfg.model.lora else "") + ")"),
+            ("precision", cfg.model.dtype + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")),
+            ("strategy", f"ZeRO-{pre.zero_stage}" + (f", optimizer offload to {offload}" if offload != "none" else "")
+             + (f", parameter offload to {param_offload}" if param_offload != "none" else "")),
+            ("world", f"{bm.world_size} rank(s): {bm.data_parallel_size} data-parallel × {bm.pipeline_stages} "
+                      f"pipeline stage(s), {pre.accelerator}"),
+            ("batch", bm.describe(f"rows of {d.max_length}" if d.packing else "samples")),
+            ("data", ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights))
+             + (", packed" if d.packing else "")),
+            ("steps", f"{self.state.total_steps}" + (f", resuming at {self.state.step}" if resume else "")),
+            ("output", str(self.out_dir)),
+        ])
+        if resume:
+            converted = resume.trainer["identity"]["data_parallel_size"]
+            tracking.info(f"resumed from {resume.path} at step {self.state.step}"
+                          + (f" (converted from {converted} data-parallel ranks)" if resume.universal else ""),
+                          enabled=self.is_main)
+        for line in self.prepared.data.scanned["train"].first_bad:
+            tracking.info(f"[yellow]skipped[/] {line}", enabled=self.is_main)
+
+    # ------------------------------------------------------------------------------------------------ fit
+
+    def fit(self, stop: StopRequest) -> None:
+        """Optimizer steps to the end of the run. A stop signal on any rank ends it at the next step boundary,
+        with a checkpoint (StoppedAndSaved)."""
+        from bigsft.steps import StepResult, WindowCounts
+
+        t, state, engine = self.cfg.train, self.state, self.engine
+        if self.cfg.data.eval and t.eval_at_start and self.pre.resume is None:
+            self.results["before training"] = self.evaluate(0, stop) or {}
+        engine.train()
+        self.meter.restart()
+        while state.step < state.total_steps:
+            # A rank got a stop signal during the previous step: all save it, before any data is drawn for this one.
+            if dist.all_reduce_max(int(stop.requested)):
+                self.save_and_stop(f"stopped by a signal at step {state.step}; checkpoint saved, relaunch to resume")
+            window = self.stream.next_window()
+            counts = WindowCounts.of(window, self.batch.pipeline_stages)
+            lr, loss_scale = engine.get_lr()[0], fp16_loss_scale(engine)
+            if counts.targets > 0:
+                result = self.steps.train_step(window, counts)
+            else:  # never (a sample without a trained token is a bad record): a guard, not NaN; the step counts
+                result = StepResult(0.0, self.grad_norm, applied=True, scheduled=False)
+            if not result.scheduled and engine.lr_scheduler is not None:
+                # DeepSpeed steps the LR schedule only with an update; keep it on bigsft's step counter.
+                engine.lr_scheduler.step()
+            state.step += 1
+            self.grad_norm = result.grad_norm
+            self.count(result, counts, loss_scale)
+            if state.step % t.log_every == 0 or state.step == state.total_steps:
+                self.log(lr, loss_scale)
+            if self.cfg.data.eval and t.eval_every and state.step % t.eval_every == 0:
+                self.evaluate_after_training(stop)
+            if t.save_every and state.step % t.save_every == 0 and state.step != state.total_steps:
+                self.save()
+
+    def count(self, result, counts, loss_scale: float | None) -> None:
+        """Tokens, skipped steps and the divergence rule, then the meter."""
+        state = self.state
+        if result.applied:
+            state.skipped_in_a_row = 0
+            state.trained_tokens += int(counts.targets if self.causal else counts.tokens)
+        else:
+            state.skipped_steps += 1
+            self.judge_skip(result, loss_scale)
+        self.meter.add(counts, result.loss_sum if result.applied else None)
+
+    def judge_skip(self, result, loss_scale: float | None) -> None:
+        """An fp16 overflow above the scaler's floor is a warm-up; any other skip counts toward
+        train.max_skipped_steps in a row, and reaching it is divergence (exit 1)."""
+        state, limit = self.state, self.cfg.train.max_skipped_steps
+        loss_finite = not dist.all_reduce_max(int(not math.isfinite(result.loss_sum)))
+        if loss_scale is not None and loss_finite and loss_scale > self.min_loss_scale:
+            tracking.info(f"[yellow]step {state.step} skipped[/]: fp16 gradient overflow at loss scale "
+                          f"{loss_scale:g}, now {fp16_loss_scale(self.engine):g}", enabled=self.is_main)
+        else:
+            state.skipped_in_a_row += 1
+            tracking.info(f"[red]step {state.step} skipped[/]: non-finite loss or gradient", enabled=self.is_main)
+        if state.skipped_in_a_row >= limit:
+            floor = f" or fp16 overflows at the minimum loss scale {self.min_loss_scale:g}" if loss_scale else ""
+            raise Diverged(f"{state.skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient"
+                           f"{floor} (train.max_skipped_steps={limit}), the last at step {state.step}; lower "
+                           "train.lr, check the data, or resume from an earlier checkpoint")
+
+    def log(self, lr: float, loss_scale: float | None) -> None:
+        """Collective. Data counters are the same on every rank (one global stream); the meter sums the loss."""
+        d, stats = self.cfg.data, self.stats
+        message = too_many_bad("train", stats.records, stats.bad, d.max_bad_fraction, stats)
+        if message:
+            raise DataError(message)
+        figures = self.meter.flush()
+        record = {"step": self.state.step, "loss": figures.pop("loss"), "lr": lr, "grad_norm": self.grad_norm,
+                  "tokens": self.state.trained_tokens, **figures, "data/skipped": stats.bad,
+                  "data/truncated": stats.truncated, "skipped_steps": self.state.skipped_steps,
+                  **({"loss_scale": fp16_loss_scale(self.engine)} if loss_scale is not None else {}),
+                  **tracking.memory_gb()}
+        names, drawn = source_names(d.train), self.stream.mixed.drawn
+        if len(names) > 1:
+            record.update({f"data/mix/{n}": c / max(sum(drawn), 1) for n, c in zip(names, drawn)})
+        self.tracker.log(record)
+
+    # ------------------------------------------------------------------------------------- eval and save
+
+    def evaluate(self, step: int, stop: StopRequest) -> dict[str, float] | None:
         """The eval's metrics, logged; None when a stop signal cut it short (the caller saves and stops)."""
-        engine.eval()
-        batches = eval_batches(d, plan, eval_stats, dp_rank=dp_rank, dp_size=bm.data_parallel_size,
-                               micro_batch_size=eval_micro, pad_id=tokenizer.pad_token_id)
+        from bigsft.evaluate import EvalInterrupted
+
+        self.engine.eval()
+        batches = eval_batches(self.cfg.data, self.prepared.data, SplitStats(), batch=self.batch, dp_rank=self.dp_rank,
+                               pad_id=self.prepared.tokenizer.pad_token_id)
         try:
-            if pipe:
-                metrics = pipeline.evaluate(engine, pipe_loss, list(batches), dummy, bm)
-            else:
-                metrics = evaluate(engine, batches, causal=causal, num_labels=num_labels, device=device,
-                                   dummy=dummy, head=head, stop_requested=lambda: stop.requested)
+            metrics = self.steps.evaluate(batches, stop_requested=lambda: stop.requested)
         except EvalInterrupted:
-            tracking.info(f"[yellow]eval at step {step} cut short by a stop signal[/]", enabled=is_main)
+            tracking.info(f"[yellow]eval at step {step} cut short by a stop signal[/]", enabled=self.is_main)
             return None
         finally:
-            engine.train()
-        tracker.log({"step": step, **metrics})
+            self.engine.train()
+        self.tracker.log({"step": step, **metrics})
+        self.meter.restart()
         return metrics
 
-    def save(step: int) -> None:
-        trainer_state = {"step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
-                         "skipped_steps": skipped_steps, "tracking_run_id": tracker.run_id, "identity": pre.identity,
-                         "last_eval_step": last_eval_step}
-        if lora_reloads_base:  # what `bigsft export` needs to rebuild the model around the saved adapter
+    def evaluate_after_training(self, stop: StopRequest) -> bool:
+        """Eval at the current step, kept as the run's result; False when a stop signal cut it short."""
+        metrics = self.evaluate(self.state.step, stop)
+        if metrics is None:
+            return False
+        self.results["after training"] = metrics
+        self.state.last_eval_step = self.state.step
+        return True
+
+    def save(self) -> None:
+        """Collective: a checkpoint of the current step (CheckpointError on every rank if it fails)."""
+        state, cfg = self.state, self.cfg
+        trainer = {**state.state_dict(), "identity": self.pre.identity}
+        if self.lora_reloads_base:  # what `bigsft export` needs to rebuild the model around the saved adapter
             from bigsft.model import resolve_model_path
 
-            trainer_state["lora"] = {"base_model": resolve_model_path(cfg.model.name_or_path),
-                                     **to_dict(cfg.model.lora)}
-        path = checkpointer.save(engine, step, zero_stage=pre.zero_stage, trainer=trainer_state,
-                                 data={"stream": stream.state_dict(), "stats": stats.state_dict()},
-                                 model_config=engine.module.config, tokenizer=tokenizer,
-                                 trainable_only=lora_reloads_base)
-        tracking.info(f"saved {path}", enabled=is_main)
+            trainer["lora"] = {"base_model": resolve_model_path(cfg.model.name_or_path), **to_dict(cfg.model.lora)}
+        path = self.checkpointer.save(self.engine, state.step, zero_stage=self.pre.zero_stage, trainer=trainer,
+                                      data={"stream": self.stream.state_dict(), "stats": self.stats.state_dict()},
+                                      model_config=self.engine.module.config, tokenizer=self.prepared.tokenizer,
+                                      trainable_only=self.lora_reloads_base)
+        state.last_save_step = state.step
+        tracking.info(f"saved {path}", enabled=self.is_main)
+        self.meter.restart()
 
-    results: dict[str, dict[str, float]] = {}
-    last_eval_step = last_save_step = start_step if resume else -1
-    if resume:  # an eval that a stop signal cut short is run again at the end
-        last_eval_step = resume.trainer.get("last_eval_step", start_step)
-    if d.eval and t.eval_at_start and resume is None:
-        results["before training"] = run_eval(0) or {}
+    def save_and_stop(self, message: str) -> None:
+        if self.state.last_save_step != self.state.step:
+            self.save()
+        raise StoppedAndSaved(message)
 
-    engine.train()
-    pending_loss = torch.zeros((), dtype=torch.float64)
-    pending = {"targets": 0.0, "tokens": 0.0, "positions": 0.0, "samples": 0.0, "flops": 0.0}
-    skipped_in_a_row = 0
-    grad_norm = None
-    clock = time.perf_counter()
-    for step in range(start_step, total_steps):
-        # A rank got a stop signal during the previous step: all save it, before any data is drawn for this one.
-        if dist.all_reduce_max(int(stop.requested)):
-            if last_save_step != step:
-                save(step)
-            tracker.close()
-            raise StoppedAndSaved(f"stopped by a signal at step {step}; checkpoint saved, relaunch to resume")
-        window: list[Batch] = stream.next_window()
-        local = [sum(b.num_targets for b in window), sum(b.num_tokens for b in window),
-                 sum(b.num_positions for b in window), sum(b.num_samples for b in window),
-                 sum(b.attention_pairs for b in window)]
-        # Every pipeline stage of a replica holds the same window: count it once.
-        global_targets, global_tokens, global_positions, global_samples, global_pairs = (
-            x / bm.pipeline_stages for x in dist.all_reduce_sum(local))
-        lr = engine.get_lr()[0]
-        loss_scale = fp16_loss_scale(engine)
-        window_loss = torch.zeros((), dtype=torch.float64)
-        applied = stepped = True
-        if global_targets > 0 and pipe:
-            # The last stage's loss is sum-of-losses × dp × micro-batches / trained tokens of the global batch:
-            # DeepSpeed divides by both, leaving the token-weighted loss. Every rank gets that loss back; the
-            # log's all-reduce adds one copy per rank, hence the division by the world size.
-            step_loss = pipeline.train_step(engine, pipe_loss, window, scale=bm.data_parallel_size
-                                            * bm.gradient_accumulation_steps / global_targets)
-            window_loss += step_loss * global_targets / launch.world_size
-            grad_norm = _norm(engine)
-            applied = stepped = engine.was_step_applied()
-        elif global_targets > 0:  # never 0 (a sample without a trained token is a bad record): a guard, not NaN
-            # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
-            # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
-            scale = bm.data_parallel_size / global_targets
-            caller_scale = float(engine.optimizer.loss_scale) if caller_scales else 1.0
-            for i, micro in enumerate(window):
-                loss_sum, _ = summed_loss(engine, micro.to(device), causal=causal, head=head)
-                engine.backward(loss_sum * (scale * caller_scale), scale_wrt_gas=False)
-                window_loss += loss_sum.detach().double().cpu()
-                if own_grad_norm and i == len(window) - 1:
-                    grad_norm = grad_norm_of(engine.module) / caller_scale
-                engine.step()
-            if not own_grad_norm:
-                grad_norm = _norm(engine)
-            # A non-finite loss or gradient on any rank makes every rank's reduced gradient non-finite,
-            # and DeepSpeed (or SkippingAdamW under ZeRO-0) then skips the update on every rank alike.
-            applied = stepped = engine.was_step_applied()
-        else:  # a window without one trained token: no update, but the step counts
-            stepped = False
-        if not stepped and engine.lr_scheduler is not None:
-            # DeepSpeed steps the LR schedule only with an update; keep it on bigsft's step counter.
-            engine.lr_scheduler.step()
-        done = step + 1
-        if applied:
-            skipped_in_a_row = 0
-            pending_loss += window_loss
-            pending["targets"] += global_targets
-            trained_tokens += int(global_targets if causal else global_tokens)
-        else:
-            skipped_steps += 1
-            loss_finite = not dist.all_reduce_max(int(not math.isfinite(float(window_loss))))
-            if loss_scale is not None and loss_finite and loss_scale > min_loss_scale:
-                # An fp16 overflow: the scaler lowers its scale and the run goes on (a normal warm-up).
-                tracking.info(f"[yellow]step {done} skipped[/]: fp16 gradient overflow at loss scale "
-                              f"{loss_scale:g}, now {fp16_loss_scale(engine):g}", enabled=is_main)
-            else:
-                skipped_in_a_row += 1
-                tracking.info(f"[red]step {done} skipped[/]: non-finite loss or gradient", enabled=is_main)
-            if skipped_in_a_row >= t.max_skipped_steps:
-                tracker.close()
-                floor = f" or fp16 overflows at the minimum loss scale {min_loss_scale:g}" if loss_scale else ""
-                raise Diverged(f"{skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient"
-                               f"{floor} (train.max_skipped_steps={t.max_skipped_steps}), the last at step "
-                               f"{done}; lower train.lr, check the data, or resume from an earlier checkpoint")
-        pending["tokens"] += global_tokens
-        pending["positions"] += global_positions
-        pending["samples"] += global_samples
-        pending["flops"] += tracking.model_flops(params=total_params, layers=layers, hidden=hidden,
-                                                 tokens=global_tokens, attention_pairs=global_pairs)
+    # --------------------------------------------------------------------------------------------- finish
 
-        if done % t.log_every == 0 or done == total_steps:
-            # Data counters are the same on every rank (one global stream); only the loss is summed.
-            (loss_total,) = dist.all_reduce_sum([float(pending_loss)])
-            message = too_many_bad("train", stats.records, stats.bad, d.max_bad_fraction, stats)
-            if message:
-                raise DataError(message)
-            elapsed = max(time.perf_counter() - clock, 1e-9)
-            tflops = pending["flops"] / elapsed / launch.world_size / 1e12
-            record = {
-                "step": done, "loss": loss_total / pending["targets"] if pending["targets"] else None,
-                "lr": lr, "grad_norm": grad_norm, "tokens": trained_tokens,
-                "tokens_per_s": (pending["targets"] if causal else pending["tokens"]) / elapsed,
-                "samples_per_s": pending["samples"] / elapsed, "tflops_per_device": tflops,
-                "mfu": tflops / peak if peak else None,
-                "data/efficiency": pending["tokens"] / max(pending["positions"], 1.0),
-                "data/skipped": stats.bad, "data/truncated": stats.truncated, "skipped_steps": skipped_steps,
-                **({"loss_scale": fp16_loss_scale(engine)} if loss_scale is not None else {}),
-                **tracking.memory_gb(),
-            }
-            drawn = stream.mixed.drawn
-            if len(names) > 1:
-                record.update({f"data/mix/{n}": c / max(sum(drawn), 1) for n, c in zip(names, drawn)})
-            tracker.log(record)
-            pending_loss.zero_()
-            pending = dict.fromkeys(pending, 0.0)
-            clock = time.perf_counter()
-        if d.eval and t.eval_every and done % t.eval_every == 0 and (metrics := run_eval(done)) is not None:
-            results["after training"] = metrics
-            last_eval_step = done
-            clock = time.perf_counter()
-        if t.save_every and done % t.save_every == 0 and done != total_steps:
-            save(done)
-            last_save_step = done
-            clock = time.perf_counter()
-
-    if d.eval and last_eval_step != total_steps:
-        metrics = run_eval(total_steps)
-        if metrics is None:  # a stop signal during the final eval: save, and the relaunch evaluates
-            if last_save_step != total_steps:
-                save(total_steps)
-            tracker.close()
-            raise StoppedAndSaved(f"stopped by a signal at step {total_steps} during the final eval; checkpoint "
-                                  "saved, relaunch to evaluate and export")
-        results["after training"] = metrics
-        last_eval_step = total_steps
-    if last_save_step != total_steps:
-        save(total_steps)
-    if pipe:
-        export_pipeline_engine(engine, pre.hf_config, out_dir / "final", tokenizer=tokenizer)
-    else:
-        export_engine(engine, pre.zero_stage, out_dir / "final", tokenizer=tokenizer, lora=cfg.model.lora)
-    tracker.summary("evaluation", results, {"final": str(out_dir / "final"), "steps": str(total_steps),
-                                            "trained tokens": f"{trained_tokens:,}"})
-    tracker.close()
-    del hf_ds_config
-    return results.get("after training", {})
+    def finish(self, stop: StopRequest) -> dict[str, float]:
+        """The final eval (unless the last step had one), the last checkpoint, the export to final/ and the
+        summary; returns the final eval metrics (empty without eval data)."""
+        state = self.state
+        if self.cfg.data.eval and state.last_eval_step != state.total_steps and not self.evaluate_after_training(stop):
+            # A stop signal during the final eval: save, and the relaunch evaluates.
+            self.save_and_stop(f"stopped by a signal at step {state.total_steps} during the final eval; checkpoint "
+                               "saved, relaunch to evaluate and export")
+        if state.last_save_step != state.total_steps:
+            self.save()
+        self.steps.export(self.out_dir / "final", self.prepared.tokenizer)
+        self.tracker.summary("evaluation", self.results, {"final": str(self.out_dir / "final"),
+                                                          "steps": str(state.total_steps),
+                                                          "trained tokens": f"{state.trained_tokens:,}"})
+        return self.results.get("after training", {})
 
 
 def run(config: str | None, overrides: list[str], local_rank: int | None = None) -> dict[str, float]:
-    """Load and check everything, then train. Raises ConfigError before anything starts."""
+    """Check everything, then train; returns the final eval metrics. Raises a UserError (exit 2) before
+    anything starts."""
     prepared = prepare(load_config(config, overrides), dist.read_launch_env(local_rank_arg=local_rank))
-    with StopRequest() as stop:
-        try:
-            return train(prepared, stop)
-        finally:
-            dist.destroy_process_group()
+    with StopRequest() as stop, Trainer(prepared) as trainer:
+        trainer.setup()
+        trainer.resume()
+        trainer.fit(stop)
+        return trainer.finish(stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
 from bigsft.data.formats import CONVERSATION_FORMATS
@@ -66,13 +67,12 @@ def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
     return RunData(build, id2label, source_weights(data.train), scanned)
 
 
-def train_stream(data: DataConfig, run_data: RunData, stats: SplitStats, *, seed: int, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, accumulation: int, pad_id: int) -> TrainStream:
+def train_stream(data: DataConfig, run_data: RunData, stats: SplitStats, *, seed: int, batch: BatchMath, dp_rank: int,
+                 pad_id: int) -> TrainStream:
     streams = source_streams(data.train, "train", run_data.build, stats, seed=seed, dp_rank=0, dp_size=1,
                              train=True, buffer_size=data.shuffle_buffer)
     mixed = MixedStream(streams, run_data.weights, seed=seed)
-    return TrainStream(mixed, micro_batch_size=micro_batch_size, accumulation=accumulation, dp_rank=dp_rank,
-                       dp_size=dp_size, pad_id=pad_id, pad_to_multiple_of=data.pad_to_multiple_of,
+    return TrainStream(mixed, batch=batch, dp_rank=dp_rank, pad_id=pad_id, pad_to_multiple_of=data.pad_to_multiple_of,
                        packer=Packer(data.max_length) if data.packing else None)
 
 
@@ -86,11 +86,11 @@ def windows_in_first_epoch(stream: TrainStream) -> int:
         windows += 1
 
 
-def eval_batches(data: DataConfig, run_data: RunData, stats: SplitStats, *, dp_rank: int, dp_size: int,
-                 micro_batch_size: int, pad_id: int) -> Iterator[Batch]:
+def eval_batches(data: DataConfig, run_data: RunData, stats: SplitStats, *, batch: BatchMath, dp_rank: int,
+                 pad_id: int) -> Iterator[Batch]:
     """This rank's share of the eval sources, once, in order (every sample on exactly one rank)."""
-    streams = source_streams(data.eval, "eval", run_data.build, stats, seed=0, dp_rank=dp_rank, dp_size=dp_size,
-                             train=False, buffer_size=128)
-    return _eval_batches(streams, micro_batch_size=micro_batch_size, pad_id=pad_id,
+    streams = source_streams(data.eval, "eval", run_data.build, stats, seed=0, dp_rank=dp_rank,
+                             dp_size=batch.data_parallel_size, train=False, buffer_size=128)
+    return _eval_batches(streams, micro_batch_size=batch.eval_micro, pad_id=pad_id,
                          pad_to_multiple_of=data.pad_to_multiple_of,
                          packer=Packer(data.max_length) if data.packing else None)

@@ -15,9 +15,9 @@ from rich.table import Table
 from rich.text import Text
 
 from bigsft.config import RunConfig
+from bigsft.data import RunData
 from bigsft.data.batching import Packer
 from bigsft.data.scan import SplitStats
-from bigsft.data import RunData
 from bigsft.data.stream import source_names, source_streams
 from bigsft.data.tokenize import IGNORE, Sample
 

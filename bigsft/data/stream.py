@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import DataSource
 from bigsft.data.batching import Batch, Packer, collate, collate_packed
 from bigsft.data.formats import PARSERS, BadRecordError
@@ -161,7 +162,8 @@ class MixedStream:
 
 
 class TrainStream:
-    """This rank's micro-batches, one window of `accumulation` micro-batches per optimizer step.
+    """This rank's micro-batches, one window of `batch.gradient_accumulation_steps` micro-batches per
+    optimizer step: a window is always that long (the loop and the pipeline engine rely on it).
 
     Every rank runs the same global stream (same records, shuffle, packing) and takes its share of each
     global batch: the samples of an optimizer step do not depend on how many ranks share them, so a run
@@ -169,12 +171,12 @@ class TrainStream:
     saved on one world size resumes on another.
     """
 
-    def __init__(self, mixed: MixedStream, *, micro_batch_size: int, accumulation: int, dp_rank: int, dp_size: int,
-                 pad_id: int, pad_to_multiple_of: int | None = None, packer: Packer | None = None):
+    def __init__(self, mixed: MixedStream, *, batch: BatchMath, dp_rank: int, pad_id: int,
+                 pad_to_multiple_of: int | None = None, packer: Packer | None = None):
         self.mixed = mixed
-        self.micro = micro_batch_size
-        self.accum = accumulation
-        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro = batch.micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, batch.data_parallel_size
+        self.global_units = batch.global_batch_size
         self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
         self.packer = packer
         self.ready: list[list[Sample]] = []  # packed rows waiting for a window
@@ -187,7 +189,7 @@ class TrainStream:
 
     def next_global_window(self) -> list[Sample] | list[list[Sample]]:
         """All ranks' samples (or packed rows) of the next optimizer step, shortest first."""
-        units = self.micro * self.accum * self.dp_size
+        units = self.global_units
         if self.packer is None:
             items = [self._next_sample() for _ in range(units)]
             items.sort(key=lambda s: len(s.input_ids))

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import ModelConfig
 from bigsft.dist import exit_skipping_teardown, init_process_group, read_launch_env
 from bigsft.ds_config import RunValues, load_ds_config, resolve_ds_config
@@ -18,7 +19,7 @@ def main() -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     raw, label = load_ds_config("zero3")
-    values = RunValues(micro_batch_size=1, gradient_accumulation_steps=1, data_parallel_size=launch.world_size,
+    values = RunValues(batch=BatchMath(micro_batch_size=1, gradient_accumulation_steps=1, data_parallel_size=launch.world_size),
                        lr=1e-3, adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0,
                        dtype="fp32", hidden_size=64)
     ds = resolve_ds_config(raw, label, values, accelerator="cpu")

@@ -486,8 +486,8 @@ def test_data_inspect_reads_llamafactory_v1_records_as_train_does(tmp_path, tok,
     from rich.console import Console
 
     from bigsft.config import load_config
-    from bigsft.data.inspect import inspect
     from bigsft.data import setup_data
+    from bigsft.data.inspect import inspect
 
     from conftest import causal_config
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import ConfigError
 from bigsft.ds_config import (
     RunValues,
@@ -18,7 +20,7 @@ from bigsft.ds_config import (
     zero_stage,
 )
 
-RUN = RunValues(micro_batch_size=4, gradient_accumulation_steps=2, data_parallel_size=2, lr=2e-4,
+RUN = RunValues(batch=BatchMath(micro_batch_size=4, gradient_accumulation_steps=2, data_parallel_size=2), lr=2e-4,
                 adam_betas=(0.9, 0.95), adam_eps=1e-8, weight_decay=0.1, max_grad_norm=1.0, dtype="fp32",
                 total_steps=100, warmup_steps=10, hidden_size=64)
 
@@ -156,7 +158,7 @@ def test_fp16_on_cpu_is_refused():
 
 @pytest.mark.parametrize("ds", ["zero0", "zero1"])
 def test_fp16_with_pipeline_parallelism_is_refused(ds):
-    values = RunValues(**{**RUN.__dict__, "dtype": "fp16", "pipeline_stages": 2})
+    values = RunValues(**{**RUN.__dict__, "dtype": "fp16", "batch": dataclasses.replace(RUN.batch, pipeline_stages=2)})
     raw, label = load_ds_config(ds)
     with pytest.raises(ConfigError, match="fp16 under pipeline parallelism is not supported; use bf16"):
         resolve_ds_config(raw, label, values, accelerator="cuda")
@@ -164,14 +166,14 @@ def test_fp16_with_pipeline_parallelism_is_refused(ds):
 
 def test_pipeline_at_zero0_leaves_clipping_to_bigsft_in_the_resolved_json():
     # The JSON bigsft dumps to ds_config.json is the one the engine gets: the clipping decision is made here.
-    values = RunValues(**{**RUN.__dict__, "pipeline_stages": 2})
+    values = RunValues(**{**RUN.__dict__, "batch": dataclasses.replace(RUN.batch, pipeline_stages=2)})
     raw, label = load_ds_config("zero0")
     assert resolve_ds_config(raw, label, values)["gradient_clipping"] == 0.0
     assert resolve_ds_config(raw, label, RUN)["gradient_clipping"] == RUN.max_grad_norm
 
 
 def test_pipeline_with_zero2_is_refused():
-    values = RunValues(**{**RUN.__dict__, "pipeline_stages": 2})
+    values = RunValues(**{**RUN.__dict__, "batch": dataclasses.replace(RUN.batch, pipeline_stages=2)})
     raw, label = load_ds_config("zero2")
     with pytest.raises(ConfigError, match="pipeline parallelism works with ZeRO stage 0 or 1 only"):
         resolve_ds_config(raw, label, values)

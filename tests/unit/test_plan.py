@@ -10,6 +10,7 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import config_from_dict
 from bigsft.ds_config import RunValues, load_ds_config, resolve_ds_config
 from bigsft.model import load_hf_config
@@ -103,7 +104,7 @@ def test_plan_command_writes_a_usable_deepspeed_json(tmp_path, tokenizer_dir):
     assert proc.returncode == 0, proc.stderr
     assert "recommended: ZeRO-" in proc.stdout and f"deepspeed={out}" in proc.stdout
     raw, label = load_ds_config(str(out))
-    values = RunValues(micro_batch_size=2, gradient_accumulation_steps=4, data_parallel_size=2, lr=1e-4,
+    values = RunValues(batch=BatchMath(micro_batch_size=2, gradient_accumulation_steps=4, data_parallel_size=2), lr=1e-4,
                        adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, dtype="fp32")
     assert json.dumps(resolve_ds_config(raw, label, values, accelerator="cpu"))
     bad = subprocess.run([sys.executable, "-m", "bigsft", "plan", str(cfg), "--nodes", "1"], capture_output=True,

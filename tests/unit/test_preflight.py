@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from bigsft.batch_math import batch_math
 from bigsft.config import ConfigError, TrainConfig, config_from_dict
 from bigsft.dist import read_launch_env
-from bigsft.preflight import batch_math, preflight
+from bigsft.preflight import preflight
 
 SINGLE = read_launch_env({})
 

@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 from transformers import AutoTokenizer
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import DataConfig, DataSource, ModelConfig
+from bigsft.data import eval_batches, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.batching import Packer
 from bigsft.data.scan import SplitStats
-from bigsft.data import eval_batches, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.sources import DataError
 from bigsft.data.stream import MixedStream, source_streams
 from bigsft.data.tokenize import SampleBuilder
@@ -62,8 +63,8 @@ def data_config(paths, **kw) -> DataConfig:
 def stream_for(tok, data, *, dp_rank=0, dp_size=1, micro=2, accum=2, seed=3):
     plan = setup_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
     stats = SplitStats()
-    return train_stream(data, plan, stats, seed=seed, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=micro,
-                        accumulation=accum, pad_id=tok.pad_token_id), stats
+    batch = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=accum, data_parallel_size=dp_size)
+    return train_stream(data, plan, stats, seed=seed, batch=batch, dp_rank=dp_rank, pad_id=tok.pad_token_id), stats
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -171,8 +172,9 @@ def test_eval_share_counts_every_sample_once(tok, tmp_path):
                       eval=[DataSource(path=str(p), format="text") for p in paths], max_length=64)
     plan = setup_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
     for world in (1, 2, 4, 5):
-        seen = [i for r in range(world) for b in eval_batches(data, plan, SplitStats(), dp_rank=r, dp_size=world,
-                                                                micro_batch_size=3, pad_id=tok.pad_token_id)
+        seen = [i for r in range(world) for b in eval_batches(data, plan, SplitStats(), dp_rank=r, pad_id=tok.pad_token_id,
+                                                                batch=BatchMath(micro_batch_size=3, gradient_accumulation_steps=1,
+                                                                                data_parallel_size=world))
                 for i in ids_of(tok, [b])]
         assert sorted(seen) == sorted(i for p in range(3) for i in range(10 * p, 10 * p + 7))
 
@@ -208,7 +210,8 @@ def test_a_source_with_no_usable_record_ends_instead_of_looping(tok, tmp_path):
     from bigsft.data.stream import TrainStream
 
     with pytest.raises(DataError, match="no usable training sample"):
-        TrainStream(mixed, micro_batch_size=1, accumulation=1, dp_rank=0, dp_size=1, pad_id=0).next_window()
+        TrainStream(mixed, batch=BatchMath(micro_batch_size=1, gradient_accumulation_steps=1, data_parallel_size=1),
+                    dp_rank=0, pad_id=0).next_window()
 
 
 def test_packer_first_fit_and_state():
