@@ -73,7 +73,7 @@ sys.path.insert(0, "bench")
 sys.path.insert(0, ".")
 from throughput_worker import hf_rows
 from bigsft.config import load_config
-from bigsft.data.loader import SplitStats, build_samples, read_examples
+from bigsft.data.scan import SplitStats, build_samples, read_examples
 from bigsft.data.tokenize import SampleBuilder
 from bigsft.tracking import model_flops, peak_tflops
 

@@ -30,6 +30,8 @@ DEMO_RECIPE = "demo"
 # The tree. Every field has a default or is checked by `validate`; every field carries a docstring.
 
 
+Task = Literal["causal_lm", "sequence_classification"]
+TrainOn = Literal["assistant", "last_assistant", "all"]
 DataFormat = Literal["alpaca", "prompt_completion", "classification", "messages", "sharegpt", "text"]
 
 
@@ -76,7 +78,7 @@ class ModelConfig:
     """A transformers config dict (needs `model_type`): random init, for tests and smoke runs."""
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `name_or_path`. Required with `model.config`."""
-    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    task: Task = "causal_lm"
     """`causal_lm` trains next-token prediction on the response; `sequence_classification` adds a
     classification head on top of the backbone."""
     num_labels: int | None = None
@@ -117,7 +119,7 @@ class DataConfig:
     max_bad_fraction: float = 0.05
     """Abort when more than this fraction of a split's records is unusable (checked before launch on
     the first records of each source, then as training streams)."""
-    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    train_on: TrainOn = "assistant"
     """Which tokens of a conversation carry the loss: every assistant turn, the last one only, or all."""
     truncation: Literal["truncate", "drop"] = "truncate"
     """Samples longer than max_length: cut the response side, or skip the sample (counted either way)."""
@@ -531,8 +533,21 @@ def config_from_dict(raw: Mapping) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> list[str]:
+    """Every problem of the config tree on its own (the environment is preflight's), in config order."""
+    errors = _model_problems(cfg) + _data_problems(cfg) + _train_problems(cfg.train)
+    if cfg.pipeline.stages < 1:
+        errors.append(f"pipeline.stages: {cfg.pipeline.stages}; must be >= 1")
+    if cfg.pipeline.activation_checkpoint_interval < 0:
+        errors.append(f"pipeline.activation_checkpoint_interval: {cfg.pipeline.activation_checkpoint_interval}; "
+                      "must be >= 0")
+    if not cfg.output_dir:
+        errors.append("output_dir: required")
+    return errors
+
+
+def _model_problems(cfg: RunConfig) -> list[str]:
     errors = []
-    m, d, t = cfg.model, cfg.data, cfg.train
+    m = cfg.model
     if (m.name_or_path is None) == (m.config is None):
         errors.append("model: set exactly one of model.name_or_path (pretrained) or model.config (random init)")
     if m.config is not None:
@@ -559,6 +574,12 @@ def validate(cfg: RunConfig) -> list[str]:
             errors.append(f"model.lora.dropout: {m.lora.dropout}; must be in [0, 1)")
         if cfg.pipeline.stages > 1:
             errors.append("model.lora: LoRA with pipeline parallelism is not supported; use ZeRO (any stage) instead")
+    return errors
+
+
+def _data_problems(cfg: RunConfig) -> list[str]:
+    errors = []
+    m, d = cfg.model, cfg.data
     if not d.train:
         errors.append("data.train: at least one source is required, e.g. [{path: train.jsonl, format: alpaca}]")
     for split in ("train", "eval"):
@@ -590,7 +611,11 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append("data.packing: packing applies to causal_lm; set data.packing=false for classification")
     if d.shuffle_buffer < 1:
         errors.append(f"data.shuffle_buffer: {d.shuffle_buffer}; must be >= 1 (1 keeps the file order)")
+    return errors
 
+
+def _train_problems(t: TrainConfig) -> list[str]:
+    errors = []
     for name in ("micro_batch_size", "log_every", "keep_last", "max_skipped_steps"):
         if getattr(t, name) < 1:
             errors.append(f"train.{name}: {getattr(t, name)}; must be >= 1")
@@ -616,14 +641,6 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.max_grad_norm: {t.max_grad_norm}; must be >= 0 (0 disables clipping)")
     if any(not 0 <= b < 1 for b in t.adam_betas):
         errors.append(f"train.adam_betas: {list(t.adam_betas)}; each must be in [0, 1)")
-
-    if cfg.pipeline.stages < 1:
-        errors.append(f"pipeline.stages: {cfg.pipeline.stages}; must be >= 1")
-    if cfg.pipeline.activation_checkpoint_interval < 0:
-        errors.append(f"pipeline.activation_checkpoint_interval: {cfg.pipeline.activation_checkpoint_interval}; "
-                      "must be >= 0")
-    if not cfg.output_dir:
-        errors.append("output_dir: required")
     return errors
 
 

@@ -260,10 +260,14 @@ def destroy_process_group() -> None:
 
 
 def exit_skipping_teardown(code: int = 0) -> None:
-    """End a helper rank process (a bench or test worker) once its work is written: close the process
-    group, flush, and leave without interpreter teardown, where now and then a C++ destructor finds a
-    live thread and aborts ("terminate called without an active exception", exit -6)."""
+    """End a rank process once its work is written: close the process group, run the atexit handlers
+    (bigsft's lock release, W&B's), flush, and leave without the interpreter's C++ teardown, where now and
+    then a destructor finds a live gloo thread and aborts ("terminate called without an active
+    exception", exit -6): a finished or saved run would then report a crash to its launcher."""
+    import atexit
+
     destroy_process_group()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

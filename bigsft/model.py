@@ -6,12 +6,13 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
-from bigsft.config import ConfigError, LoraConfig, ModelConfig
+from bigsft.config import ConfigError, LoraConfig, ModelConfig, Task
 
-TASKS = ("causal_lm", "sequence_classification")
+TASKS = typing.get_args(Task)
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

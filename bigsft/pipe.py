@@ -422,7 +422,7 @@ def write_index(out_dir: Path) -> None:
                                                                      indent=2))
 
 
-def evaluate(engine, loss, batches: list[Batch], dummy: Batch, bm) -> dict[str, float]:
+def evaluate_pipeline(engine, loss, batches: list[Batch], dummy: Batch, bm) -> dict[str, float]:
     """Token-weighted eval loss through the pipeline; replicas run as many windows as the longest."""
     windows = -(-len(batches) // bm.gradient_accumulation_steps)
     most = dist.all_reduce_max(windows)

@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigsft.batch_math import BatchMath
 from bigsft.config import RunConfig
 from bigsft.model import config_int, model_dims
 
@@ -263,7 +264,9 @@ def plan(cfg: RunConfig, hf_config, hw: Hardware, *, micro_batches=(1, 2, 4, 8, 
         for b in micro_batches:
             if target % (b * dp):
                 continue
-            est = estimate(shape, s, cfg=cfg, hw=hw, micro_batch=b, accumulation=target // (b * dp), seq=seq)
+            batch = BatchMath(micro_batch_size=b, gradient_accumulation_steps=target // (b * dp), data_parallel_size=dp,
+                              pipeline_stages=s.pipeline)
+            est = estimate(shape, s, cfg=cfg, hw=hw, batch=batch, seq=seq)
             smallest = smallest or est
             if est.fits:
                 largest_fitting = est
@@ -272,8 +275,8 @@ def plan(cfg: RunConfig, hf_config, hw: Hardware, *, micro_batches=(1, 2, 4, 8, 
     return sorted(results, key=lambda e: (not e.fits, e.step_seconds / max(e.tokens_per_step, 1)))
 
 
-def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, micro_batch: int, accumulation: int,
-             seq: int) -> Estimate:
+def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, batch: BatchMath, seq: int) -> Estimate:
+    micro_batch, accumulation = batch.micro_batch_size, batch.gradient_accumulation_steps
     dtype = cfg.model.dtype
     gpu_states, host, nvme = model_states(shape, s, dtype=dtype, hw=hw)
     acts = activations(shape, micro_batch=micro_batch, seq=seq, dtype=dtype,
@@ -290,7 +293,7 @@ def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, mi
         why.append("host memory")
     return Estimate(strategy=s, micro_batch=micro_batch, accumulation=accumulation, gpu_states=gpu_states,
                     gpu_activations=acts, host=host, nvme=nvme, comm=net + pcie, step_seconds=seconds,
-                    tokens_per_step=tokens * (hw.gpus // s.pipeline), fits=not why, why=why)
+                    tokens_per_step=tokens * batch.data_parallel_size, fits=not why, why=why)
 
 
 def write_ds_config(best: Estimate, path: Path) -> None:

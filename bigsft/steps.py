@@ -181,7 +181,7 @@ class PipelineSteps:
         """The pipeline's eval runs whole windows in lockstep over stages: a stop signal waits for its end."""
         from bigsft import pipe
 
-        return pipe.evaluate(self.engine, self.loss, list(batches), self.dummy, self.batch)
+        return pipe.evaluate_pipeline(self.engine, self.loss, list(batches), self.dummy, self.batch)
 
     def export(self, out_dir: Path, tokenizer) -> None:
         from bigsft.export import export_pipeline_engine

@@ -494,5 +494,5 @@ def report_exit_status(code: int) -> None:
             Path(path).write_text(f"{code}\n")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a rank process, as the launchers start it
+    dist.exit_skipping_teardown(main())

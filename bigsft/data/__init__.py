@@ -17,8 +17,7 @@ from bigsft.data.batching import Batch, Packer
 from bigsft.data.formats import CONVERSATION_FORMATS
 from bigsft.data.scan import SplitStats, label_names, scan
 from bigsft.data.sources import count_records
-from bigsft.data.stream import MixedStream, TrainStream, source_streams
-from bigsft.data.stream import eval_batches as _eval_batches
+from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_streams
 from bigsft.data.tokenize import SampleBuilder, keep_chat_template
 
 
@@ -91,6 +90,6 @@ def eval_batches(data: DataConfig, run_data: RunData, stats: SplitStats, *, batc
     """This rank's share of the eval sources, once, in order (every sample on exactly one rank)."""
     streams = source_streams(data.eval, "eval", run_data.build, stats, seed=0, dp_rank=dp_rank,
                              dp_size=batch.data_parallel_size, train=False, buffer_size=128)
-    return _eval_batches(streams, micro_batch_size=batch.eval_micro, pad_id=pad_id,
+    return batches_once(streams, micro_batch_size=batch.eval_micro, pad_id=pad_id,
                          pad_to_multiple_of=data.pad_to_multiple_of,
                          packer=Packer(data.max_length) if data.packing else None)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from bigsft.config import ConfigError, DataSource
@@ -58,39 +59,54 @@ def too_many_bad(split: str, records: int, bad: int, max_bad_fraction: float, st
             f"({bad / records:.1%} > data.max_bad_fraction={max_bad_fraction}){detail}")
 
 
-def read_examples(sources: Sequence[DataSource], split: str, stats: SplitStats,
-                  limit: int | None = None) -> list[tuple[Example, str]]:
-    """Parsed examples with their `file:line` (the first `limit` records per source); bad ones counted."""
-    examples: list[tuple[Example, str]] = []
-    for i, source in enumerate(sources):
-        parse = PARSERS[source.format]
-        for n, item in enumerate(read_source(source, f"data.{split}[{i}]")):
-            if limit is not None and n >= limit:
-                break
-            stats.records += 1
-            if isinstance(item, BadRecord):
-                stats.skip(item.reason, item.location)
-                continue
-            try:
-                examples.append((parse(item.fields, source.columns), item.location))
-            except BadRecordError as e:
-                stats.skip(str(e), item.location)
-    return examples
-
-
-def build_samples(examples: Sequence[tuple[Example, str]], build: Callable[[Example], Sample],
-                  stats: SplitStats) -> list[Sample]:
-    samples = []
-    for ex, location in examples:
+def parse_records(items: Iterable, parse: Callable, columns, stats: SplitStats) -> tuple[list[Example], list[str]]:
+    """Each record parsed, with its `file:line`; unreadable and unparsable ones counted in `stats`."""
+    examples, where = [], []
+    for item in items:
+        if isinstance(item, BadRecord):
+            stats.skip(item.reason, item.location)
+            continue
         try:
-            sample = build(ex)
+            examples.append(parse(item.fields, columns))
+            where.append(item.location)
         except BadRecordError as e:
-            stats.skip(str(e), location)
+            stats.skip(str(e), item.location)
+    return examples, where
+
+
+def usable_samples(built: Iterable[Sample | BadRecordError], where: Sequence[str], stats: SplitStats) -> list[Sample]:
+    """The samples that tokenized (`built`: a Sample or the BadRecordError of each example); the rest counted."""
+    samples = []
+    for sample, location in zip(built, where, strict=True):
+        if isinstance(sample, BadRecordError):
+            stats.skip(str(sample), location)
             continue
         stats.samples += 1
         stats.truncated += sample.truncated
         samples.append(sample)
     return samples
+
+
+def read_examples(sources: Sequence[DataSource], split: str, stats: SplitStats,
+                  limit: int | None = None) -> list[tuple[Example, str]]:
+    """Parsed examples with their `file:line` (the first `limit` records per source); bad ones counted."""
+    examples: list[tuple[Example, str]] = []
+    for i, source in enumerate(sources):
+        items = list(itertools.islice(read_source(source, f"data.{split}[{i}]"), limit))
+        stats.records += len(items)
+        examples += zip(*parse_records(items, PARSERS[source.format], source.columns, stats), strict=True)
+    return examples
+
+
+def build_samples(examples: Sequence[tuple[Example, str]], build: Callable[[Example], Sample],
+                  stats: SplitStats) -> list[Sample]:
+    built: list[Sample | BadRecordError] = []
+    for example, _ in examples:
+        try:
+            built.append(build(example))
+        except BadRecordError as e:
+            built.append(e)
+    return usable_samples(built, [location for _, location in examples], stats)
 
 
 def scan(sources: Sequence[DataSource], split: str, build: Callable[[Example], Sample], max_bad_fraction: float,

@@ -21,9 +21,9 @@ import numpy as np
 from bigsft.batch_math import BatchMath
 from bigsft.config import DataSource
 from bigsft.data.batching import Batch, Packer, collate, collate_packed
-from bigsft.data.formats import PARSERS, BadRecordError
-from bigsft.data.scan import SplitStats
-from bigsft.data.sources import EPOCH_END, BadRecord, DataError, SourceReader, list_files
+from bigsft.data.formats import PARSERS
+from bigsft.data.scan import SplitStats, parse_records, usable_samples
+from bigsft.data.sources import EPOCH_END, DataError, SourceReader, list_files
 from bigsft.data.tokenize import IGNORE, Sample, SampleBuilder
 
 
@@ -69,22 +69,8 @@ class SourceStream:
                 break
             items.append(item)
         self.stats.records += len(items)
-        examples, where = [], []
-        for item in items:
-            if isinstance(item, BadRecord):
-                self.stats.skip(item.reason, item.location)
-                continue
-            try:
-                examples.append(self.parse(item.fields, self.columns))
-                where.append(item.location)
-            except BadRecordError as e:
-                self.stats.skip(str(e), item.location)
-        for sample, location in zip(self.build.build_many(examples), where):
-            if isinstance(sample, BadRecordError):
-                self.stats.skip(str(sample), location)
-                continue
-            self.stats.samples += 1
-            self.stats.truncated += sample.truncated
+        examples, where = parse_records(items, self.parse, self.columns, self.stats)
+        for sample in usable_samples(self.build.build_many(examples), where, self.stats):
             self.buffer.append(sample)
             self.epoch_samples += 1
 
@@ -241,7 +227,7 @@ def source_streams(sources: Sequence[DataSource], split: str, build: SampleBuild
     return streams
 
 
-def eval_batches(streams: Sequence[SourceStream], *, micro_batch_size: int, pad_id: int,
+def batches_once(streams: Sequence[SourceStream], *, micro_batch_size: int, pad_id: int,
                  pad_to_multiple_of: int | None = None, packer: Packer | None = None) -> Iterator[Batch]:
     """One pass over this rank's share of the eval sources, in order."""
 

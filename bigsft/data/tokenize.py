@@ -12,15 +12,17 @@ assistant turn, so any template that renders earlier turns the same way once lat
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from bigsft.config import TrainOn
 from bigsft.data.formats import BadRecordError, Completion, Conversation, Example, Labeled, PlainText
 
 IGNORE = -100
-TRAIN_ON = ("assistant", "last_assistant", "all")
+TRAIN_ON = typing.get_args(TrainOn)
 
 # ChatML-style, for tokenizers without a chat template. Assistant turns end with the tokenizer's EOS
 # so that a model trained on it learns to stop; tool schemas go into the system turn, tool calls
