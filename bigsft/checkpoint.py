@@ -30,6 +30,7 @@ import re
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,8 @@ CHECKPOINTS = "checkpoints"
 DS_TAG = "ds"
 UNIVERSAL_TAG = "universal"
 MANIFEST = "MANIFEST.json"
+BEST = "best.json"
+"""checkpoints/best.json: the best checkpoint by train.best_metric (its trainer.json says so too)."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 # Globals a DeepSpeed checkpoint may reference when unpickled: its own plain data classes. Anything else
@@ -474,15 +477,29 @@ class Checkpointer:
     def root(self) -> Path:
         return Path(self.output_dir) / CHECKPOINTS
 
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def mark_best(self, step: int, metric: str, value: float) -> None:
+        """checkpoints/best.json names the best checkpoint (rank 0; written atomically)."""
+        if self.rank == 0:
+            try:
+                _write_text_atomically(self.root / BEST, json.dumps({"step": step, "path": self.step_dir(step).name,
+                                                                      "metric": metric, "value": value}) + "\n")
+            except OSError as e:  # the checkpoints' trainer.json still say which is best
+                warnings.warn(f"could not write {self.root / BEST}: {e.strerror or e}", stacklevel=2)
+
     def save(self, engine, step: int, *, zero_stage: int, trainer: dict, data: dict, model_config=None,
-             tokenizer=None, trainable_only: bool = False) -> Path:
+             tokenizer=None, trainable_only: bool = False, best: tuple[int, str, float] | None = None) -> Path:
         """Collective: write a complete checkpoint or none at all; raises CheckpointError on every rank.
 
-        `trainable_only`: leave out frozen weights (LoRA: the base model, which the run reloads)."""
+        `trainable_only`: leave out frozen weights (LoRA: the base model, which the run reloads).
+        `best`: (step, metric, value) of the best checkpoint so far, which rotation keeps; this one when
+        its step is this step."""
         if not weights_are_finite(engine, zero_stage):
             raise CheckpointError(f"not saving step {step}: the weights are not finite (the run diverged)")
         main = self.rank == 0
-        final = self.root / f"step_{step:08d}"
+        final = self.step_dir(step)
         tmp = final.with_name(final.name + ".tmp")
         failure = ""
         if main:
@@ -530,7 +547,9 @@ class Checkpointer:
             problem = unseen_files(tmp, [f for _, f in reports])
             if not problem:
                 try:
-                    self._publish(tmp, final)
+                    self._publish(tmp, final, keep=best[0] if best else None)
+                    if best is not None and best[0] == step:
+                        self.mark_best(*best)
                 except CheckpointError as e:
                     problem = f"rank 0: {e}"
         problem = dist.all_gather_object(problem)[0]  # rank 0's verdict reaches every rank
@@ -543,7 +562,7 @@ class Checkpointer:
             raise CheckpointError(f"saving checkpoint {final} failed ({problem}); the previous checkpoints are intact")
         return final
 
-    def _publish(self, tmp: Path, final: Path) -> None:
+    def _publish(self, tmp: Path, final: Path, keep: int | None = None) -> None:
         try:
             _fsync_tree(tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -555,7 +574,10 @@ class Checkpointer:
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"publishing it failed: {e.strerror or e}") from None
+        kept = self.step_dir(keep) if keep is not None else None
         for old in step_dirs(self.output_dir)[: -self.keep_last] if self.keep_last > 0 else []:
+            if old == kept:  # the best checkpoint stays whatever keep_last says
+                continue
             doomed = old.with_name(old.name + ".deleting")  # never looks like a checkpoint while half-deleted
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)

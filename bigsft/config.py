@@ -170,7 +170,20 @@ class TrainConfig:
     save_every: int = 0
     """Save a resumable checkpoint every this many optimizer steps (and at the end); 0: only at the end."""
     keep_last: int = 2
-    """Checkpoints kept under output_dir/checkpoints; older ones are deleted once a newer one is complete."""
+    """Checkpoints kept under output_dir/checkpoints; older ones are deleted once a newer one is complete.
+    The best checkpoint (`best_metric`) is kept besides them."""
+    best_metric: str | None = None
+    """Eval metric that picks the best checkpoint, e.g. `eval/f1` or `eval/loss`. An eval that sets a new
+    best saves a checkpoint (marked in checkpoints/best.json), which rotation never deletes."""
+    best_mode: Literal["auto", "max", "min"] = "auto"
+    """Whether higher or lower `best_metric` is better; `auto`: lower for loss and perplexity, else higher."""
+    final: Literal["last", "best"] = "last"
+    """What output_dir/final holds: the last step's model, or the best checkpoint's (needs `best_metric`)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evals in a row without a better `best_metric` (eval/loss when unset); 0: never.
+    The run then ends as a finished one: final eval, checkpoint, final/, exit 0."""
+    early_stopping_min_delta: float = 0.0
+    """The least change of `best_metric` that counts as better."""
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint in output_dir if there is one; `never`; or
     the path of a checkpoint (or of a run directory) to continue from."""
@@ -178,6 +191,17 @@ class TrainConfig:
     """Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device, for the logged MFU; known GPUs are looked up when unset."""
+
+    @property
+    def selection_metric(self) -> str | None:
+        """The eval metric that best checkpoints and early stopping follow."""
+        return self.best_metric or ("eval/loss" if self.early_stopping_patience else None)
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.best_mode != "auto":
+            return self.best_mode == "max"
+        return (self.selection_metric or "").rsplit("/", 1)[-1] not in ("loss", "perplexity")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps for a run of `total_steps` optimizer steps."""
@@ -197,16 +221,23 @@ class PipelineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class WandbConfig:
-    mode: Literal["online", "offline", "disabled"] = "disabled"
-    """Weights & Biases mode; `offline` writes a local run directory to sync later."""
-    project: str = "bigsft"
-    """W&B project."""
+    """W&B settings. A key left unset defers to W&B's own environment variable (what cluster jobs set),
+    then to bigsft's default: a key in the config > WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY /
+    WANDB_RUN_GROUP / WANDB_DIR > the default."""
+
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """Weights & Biases mode; `offline` writes a local run directory to sync later. Unset: WANDB_MODE,
+    else disabled."""
+    project: str | None = None
+    """W&B project. Unset: WANDB_PROJECT, else `bigsft`."""
     entity: str | None = None
-    """W&B entity (user or team)."""
+    """W&B entity (user or team). Unset: WANDB_ENTITY, else your default entity."""
     name: str | None = None
     """Run name; defaults to the output directory's name."""
     group: str | None = None
-    """Run group."""
+    """Run group. Unset: WANDB_RUN_GROUP."""
+    dir: str | None = None
+    """Where the W&B run directory goes. Unset: WANDB_DIR, else output_dir."""
     tags: list[str] = field(default_factory=list)
     """Run tags."""
 
@@ -254,6 +285,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # an optional value: the member's own message says more
+            return _convert(value, candidates[0], where, errors)
         # Try the members in order; the first that converts without problems wins.
         for cand in candidates:
             trial: list[str] = []
@@ -627,6 +660,12 @@ def _train_problems(t: TrainConfig) -> list[str]:
     for name in ("eval_every", "save_every", "epochs"):
         if getattr(t, name) < 0:
             errors.append(f"train.{name}: {getattr(t, name)}; must be >= 0")
+    if t.early_stopping_patience < 0:
+        errors.append(f"train.early_stopping_patience: {t.early_stopping_patience}; must be >= 0 (0: never stop early)")
+    if t.early_stopping_min_delta < 0:
+        errors.append(f"train.early_stopping_min_delta: {t.early_stopping_min_delta}; must be >= 0")
+    if t.final == "best" and t.best_metric is None:
+        errors.append("train.final: 'best' needs train.best_metric, the eval metric that picks it (e.g. eval/loss)")
     if t.max_steps is None and t.epochs < 1:
         errors.append("train.epochs: 0 with no train.max_steps; set one of them")
     if t.lr <= 0:

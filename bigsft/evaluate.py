@@ -62,6 +62,13 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     }
 
 
+def metric_names(task: str) -> list[str]:
+    """The keys an eval logs for a task."""
+    if task == "sequence_classification":
+        return ["eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1", "eval/examples"]
+    return ["eval/loss", "eval/perplexity", "eval/tokens"]
+
+
 class EvalInterrupted(Exception):
     """A stop signal reached some rank during an eval: every rank left it at the same batch."""
 

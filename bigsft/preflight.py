@@ -66,6 +66,22 @@ def _hidden_size(hf_config) -> int | None:
     return model_dims(hf_config)[1] or None
 
 
+def _selection_problems(cfg: RunConfig) -> list[str]:
+    from bigsft.evaluate import metric_names
+
+    metric = cfg.train.selection_metric
+    if metric is None:
+        return []
+    key = "train.best_metric" if cfg.train.best_metric else "train.early_stopping_patience"
+    if not cfg.data.eval:
+        return [f"{key}: picking the best checkpoint and stopping early follow an eval metric; set data.eval"]
+    names = metric_names(cfg.model.task)
+    if metric not in names:
+        return [f"train.best_metric: {metric!r} is not a metric this run logs; task {cfg.model.task} logs "
+                f"{', '.join(names)}"]
+    return []
+
+
 def _output_dir_problem(output_dir: str) -> str | None:
     p = Path(output_dir).resolve()
     if p.exists() and not p.is_dir():
@@ -131,6 +147,7 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
                 list_files(source, f"data.{split}[{i}]")
             except ConfigError as e:
                 errors += e.problems
+    errors += _selection_problems(cfg)
     problem = _output_dir_problem(cfg.output_dir)
     if problem:
         errors.append(problem)

@@ -96,6 +96,16 @@ def keep_metrics_through(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+# W&B's older WANDB_MODE values, as its own docs still show them
+_LEGACY_MODES = {"dryrun": "offline", "run": "online"}
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    """wandb.mode, else WANDB_MODE, else disabled."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    return cfg.mode or _LEGACY_MODES.get(env, env) or "disabled"
+
+
 def _wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -124,7 +134,7 @@ class Tracker:
             keep_metrics_through(metrics, resume_step)
         # Open for the whole run, line-buffered: a killed run keeps every line logged so far.
         self._file = open(metrics, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115
-        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+        if wandb_cfg is not None and wandb_mode(wandb_cfg) != "disabled":
             self._wandb = self._start_wandb(output_dir, wandb_cfg, run_config or {}, run_id)
         if console.is_terminal and total_steps:
             self._progress = Progress(
@@ -138,14 +148,16 @@ class Tracker:
     def _start_wandb(self, output_dir, cfg: WandbConfig, run_config: dict, run_id: str | None):
         import wandb
 
-        mode = cfg.mode
+        mode = wandb_mode(cfg)
         if mode == "online" and not _wandb_has_credentials():
             info("[yellow]wandb[/]: mode online but no WANDB_API_KEY or ~/.netrc login: logging offline instead "
                  "(`wandb sync` uploads it later)")
             mode = "offline"
-        kwargs = {"project": cfg.project, "entity": cfg.entity, "group": cfg.group,
-                  "name": cfg.name or Path(output_dir).resolve().name, "tags": list(cfg.tags) or None,
-                  "dir": str(output_dir), "config": redact(run_config), "id": run_id,
+        # entity and group left None: wandb.init reads WANDB_ENTITY and WANDB_RUN_GROUP itself.
+        kwargs = {"project": cfg.project or os.environ.get("WANDB_PROJECT") or "bigsft", "entity": cfg.entity,
+                  "group": cfg.group, "name": cfg.name or Path(output_dir).resolve().name,
+                  "tags": list(cfg.tags) or None, "dir": cfg.dir or os.environ.get("WANDB_DIR") or str(output_dir),
+                  "config": redact(run_config), "id": run_id,
                   "resume": "allow" if run_id else None}
         try:
             run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off"), **kwargs)

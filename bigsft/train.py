@@ -48,6 +48,7 @@ from bigsft.errors import (
     EXIT_OK,
     EXIT_SAVED,
     EXIT_USER,
+    CheckpointError,
     DataError,
     Diverged,
     RunFailed,
@@ -172,6 +173,11 @@ class TrainState:
     tracking_run_id: str | None = None
     last_eval_step: int = -1
     """An eval that a stop signal cut short is not recorded: the relaunch runs it again."""
+    best_step: int = -1
+    """The step of the best eval by train.best_metric (and of its checkpoint, when best_metric is set)."""
+    best_value: float | None = None
+    evals_since_best: int = 0
+    """Evals in a row without a better value: what early stopping counts."""
     last_save_step: int = field(default=-1, metadata={"saved": False})
     skipped_in_a_row: int = field(default=0, metadata={"saved": False})
 
@@ -184,7 +190,9 @@ class TrainState:
         step = saved["step"]
         return cls(total_steps=total_steps, step=step, trained_tokens=saved["trained_tokens"],
                    skipped_steps=saved["skipped_steps"], tracking_run_id=saved.get("tracking_run_id"),
-                   last_eval_step=saved.get("last_eval_step", step), last_save_step=step)
+                   last_eval_step=saved.get("last_eval_step", step), last_save_step=step,
+                   best_step=saved.get("best_step", -1), best_value=saved.get("best_value"),
+                   evals_since_best=saved.get("evals_since_best", 0))
 
 
 class Trainer:
@@ -317,8 +325,14 @@ class Trainer:
         self.meter.restart()
         while state.step < state.total_steps:
             # A rank got a stop signal during the previous step: all save it, before any data is drawn for this one.
-            if dist.all_reduce_max(int(stop.requested)):
+            # Early stopping takes the same agreement (every rank decided it from the same all-reduced metrics).
+            flags = dist.all_reduce_max(int(stop.requested) | 2 * int(self.early_stop_due))
+            if flags & 1:
                 self.save_and_stop(f"stopped by a signal at step {state.step}; checkpoint saved, relaunch to resume")
+            if flags & 2:
+                tracking.info(f"[yellow]stopping early at step {state.step}[/]: {self.early_stop_reason()}",
+                              enabled=self.is_main)
+                break
             window = self.stream.next_window()
             counts = WindowCounts.of(window, self.batch.pipeline_stages)
             lr, loss_scale = engine.get_lr()[0], fp16_loss_scale(engine)
@@ -336,7 +350,8 @@ class Trainer:
                 self.log(lr, loss_scale)
             if self.cfg.data.eval and t.eval_every and state.step % t.eval_every == 0:
                 self.evaluate_after_training(stop)
-            if t.save_every and state.step % t.save_every == 0 and state.step != state.total_steps:
+            if (t.save_every and state.step % t.save_every == 0 and state.step != state.total_steps
+                    and state.last_save_step != state.step):  # a new best may have saved it already
                 self.save()
 
     def count(self, result, counts, loss_scale: float | None) -> None:
@@ -411,7 +426,38 @@ class Trainer:
             return False
         self.results["after training"] = metrics
         self.state.last_eval_step = self.state.step
+        self.select(metrics)
         return True
+
+    def select(self, metrics: dict[str, float]) -> None:
+        """Best checkpoint and early stopping by train.best_metric: a new best is saved and marked (rotation
+        keeps it); an eval without one counts toward train.early_stopping_patience."""
+        t, state = self.cfg.train, self.state
+        metric = t.selection_metric
+        if metric is None:
+            return
+        value, delta = metrics[metric], t.early_stopping_min_delta
+        if state.best_value is not None and not (
+                value > state.best_value + delta if t.higher_is_better else value < state.best_value - delta):
+            state.evals_since_best += 1
+            return
+        state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+        if t.best_metric is not None:
+            if state.last_save_step != state.step:
+                self.save()
+            else:  # saved at this step already, before the eval: mark it
+                self.checkpointer.mark_best(state.step, metric, value)
+            tracking.info(f"new best {metric} {value:.6g} at step {state.step}", enabled=self.is_main)
+
+    @property
+    def early_stop_due(self) -> bool:
+        patience = self.cfg.train.early_stopping_patience
+        return bool(patience) and self.state.evals_since_best >= patience
+
+    def early_stop_reason(self) -> str:
+        state, t = self.state, self.cfg.train
+        return (f"{t.selection_metric} has not improved on {state.best_value:.6g} (step {state.best_step}) for "
+                f"{state.evals_since_best} evals (train.early_stopping_patience={t.early_stopping_patience})")
 
     def save(self) -> None:
         """Collective: a checkpoint of the current step (CheckpointError on every rank if it fails)."""
@@ -421,7 +467,8 @@ class Trainer:
             from bigsft.model import resolve_model_path
 
             trainer["lora"] = {"base_model": resolve_model_path(cfg.model.name_or_path), **to_dict(cfg.model.lora)}
-        path = self.checkpointer.save(self.engine, state.step, zero_stage=self.pre.zero_stage, trainer=trainer,
+        best = (state.best_step, cfg.train.best_metric, state.best_value) if cfg.train.best_metric else None
+        path = self.checkpointer.save(self.engine, state.step, zero_stage=self.pre.zero_stage, trainer=trainer, best=best,
                                       data={"stream": self.stream.state_dict(), "stats": self.stats.state_dict()},
                                       model_config=self.engine.module.config, tokenizer=self.prepared.tokenizer,
                                       trainable_only=self.lora_reloads_base)
@@ -440,17 +487,40 @@ class Trainer:
         """The final eval (unless the last step had one), the last checkpoint, the export to final/ and the
         summary; returns the final eval metrics (empty without eval data)."""
         state = self.state
-        if self.cfg.data.eval and state.last_eval_step != state.total_steps and not self.evaluate_after_training(stop):
+        if self.cfg.data.eval and state.last_eval_step != state.step and not self.evaluate_after_training(stop):
             # A stop signal during the final eval: save, and the relaunch evaluates.
-            self.save_and_stop(f"stopped by a signal at step {state.total_steps} during the final eval; checkpoint "
+            self.save_and_stop(f"stopped by a signal at step {state.step} during the final eval; checkpoint "
                                "saved, relaunch to evaluate and export")
-        if state.last_save_step != state.total_steps:
+        if state.last_save_step != state.step:
             self.save()
-        self.steps.export(self.out_dir / "final", self.prepared.tokenizer)
-        self.tracker.summary("evaluation", self.results, {"final": str(self.out_dir / "final"),
-                                                          "steps": str(state.total_steps),
-                                                          "trained tokens": f"{state.trained_tokens:,}"})
+        final = self.export_final()
+        extra = {"final": f"{self.out_dir / 'final'} ({final})", "steps": str(state.step),
+                 "trained tokens": f"{state.trained_tokens:,}"}
+        if state.step < state.total_steps:
+            extra["stopped early"] = self.early_stop_reason()
+        self.tracker.summary("evaluation", self.results, extra)
         return self.results.get("after training", {})
+
+    def export_final(self) -> str:
+        """final/: the last step's model from the engine, or (train.final=best) the best checkpoint's,
+        exported by rank 0 from disk. Says which step it holds."""
+        state, t = self.state, self.cfg.train
+        if t.final != "best" or state.best_step in (-1, state.step):
+            self.steps.export(self.out_dir / "final", self.prepared.tokenizer)
+            best = f", the best by {t.best_metric}" if t.best_metric and state.best_step == state.step else ""
+            return f"step {state.step}{best}"
+        from bigsft.export import export_checkpoint
+
+        problem = ""
+        if self.is_main:
+            try:
+                export_checkpoint(self.checkpointer.step_dir(state.best_step), self.out_dir / "final")
+            except (UserError, RunFailed, OSError) as e:
+                problem = str(e)
+        problem = dist.all_gather_object(problem)[0]
+        if problem:
+            raise CheckpointError(f"exporting the best checkpoint (step {state.best_step}) to final/ failed: {problem}")
+        return f"step {state.best_step}, the best by {t.best_metric} ({state.best_value:.6g})"
 
 
 def run(config: str | None, overrides: list[str], local_rank: int | None = None) -> dict[str, float]:

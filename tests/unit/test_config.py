@@ -185,3 +185,16 @@ def test_every_shipped_recipe_loads_and_validates(recipe):
     for source in cfg.data.train + cfg.data.eval:
         paths = source.path if isinstance(source.path, list) else [source.path]
         assert all(Path(p).exists() for p in paths), f"{recipe.name}: {source.path} missing"
+
+
+def test_wandb_keys_left_out_defer_to_wandbs_environment(monkeypatch):
+    from bigsft.config import WandbConfig
+    from bigsft.tracking import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_mode(WandbConfig()) == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_mode(WandbConfig()) == "offline"
+    assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"  # the config wins
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # the older spelling W&B still accepts
+    assert wandb_mode(WandbConfig()) == "offline"

@@ -144,3 +144,27 @@ def test_preflight_rederives_accumulation_from_the_resumed_checkpoint(tmp_path):
     assert pre.batch.gradient_accumulation_steps == 4 and pre.batch.global_batch_size == 32
     assert pre.identity["global_batch_size"] == 32
     assert pre.resolved_ds(10)["gradient_accumulation_steps"] == 4
+
+
+@pytest.mark.parametrize(("train", "with_eval", "message"), [
+    ({"best_metric": "eval/f1"}, True, "train.best_metric: 'eval/f1' is not a metric this run logs; task causal_lm "
+                                       "logs eval/loss, eval/perplexity, eval/tokens"),
+    ({"best_metric": "eval/loss"}, False, "train.best_metric: picking the best checkpoint and stopping early"),
+    ({"early_stopping_patience": 2}, False, "train.early_stopping_patience: picking the best checkpoint"),
+    ({"final": "best"}, True, "train.final: 'best' needs train.best_metric"),
+])
+def test_model_selection_that_cannot_work_is_refused_before_launch(tmp_path, train, with_eval, message):
+    raw = _cfg(tmp_path)
+    raw["train"] = train
+    if with_eval:
+        raw["data"]["eval"] = raw["data"]["train"]
+    with pytest.raises(ConfigError) as info:
+        preflight(config_from_dict(raw), SINGLE)
+    assert message in str(info.value)
+
+
+def test_model_selection_by_a_logged_metric_passes(tmp_path):
+    raw = _cfg(tmp_path)
+    raw["train"] = {"best_metric": "eval/perplexity", "final": "best", "early_stopping_patience": 3}
+    raw["data"]["eval"] = raw["data"]["train"]
+    assert preflight(config_from_dict(raw), SINGLE).cfg.train.selection_metric == "eval/perplexity"

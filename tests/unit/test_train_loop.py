@@ -87,7 +87,7 @@ class Steps:
 
     def __init__(self, engine, results=None, on_step=None):
         self.engine, self.results, self.on_step = engine, results or {}, on_step
-        self.calls, self.evals = [], 0
+        self.calls, self.evals, self.eval_values = [], 0, []
 
     def train_step(self, window, counts):
         self.calls.append((len(window), counts.targets))
@@ -103,6 +103,8 @@ class Steps:
             from bigsft.evaluate import EvalInterrupted
 
             raise EvalInterrupted
+        if self.eval_values:
+            return {"eval/loss": 1.0, "eval/f1": 0.5, **self.eval_values.pop(0)}
         return {"eval/loss": 1.0 / self.evals}
 
 
@@ -122,10 +124,17 @@ class Tracker:
 
 class Checkpointer:
     def __init__(self):
-        self.saved = []
+        self.saved, self.marked, self.best = [], [], []
 
-    def save(self, engine, step, *, trainer, **_):
+    def save(self, engine, step, *, trainer, best=None, **_):
         self.saved.append((step, trainer))
+        self.best.append(best)
+        return f"step_{step}"
+
+    def mark_best(self, step, metric, value):
+        self.marked.append((step, metric, value))
+
+    def step_dir(self, step):
         return f"step_{step}"
 
 
@@ -276,9 +285,62 @@ def test_a_stop_during_the_final_eval_saves_and_the_relaunch_evaluates(tmp_path,
 
 def test_train_state_round_trips_through_a_checkpoint():
     state = TrainState(total_steps=10, step=4, trained_tokens=99, skipped_steps=1, tracking_run_id="abc",
-                       last_eval_step=3, last_save_step=4, skipped_in_a_row=1)
+                       last_eval_step=3, last_save_step=4, skipped_in_a_row=1, best_step=2, best_value=0.5,
+                       evals_since_best=1)
     back = TrainState.resumed(state.state_dict(), total_steps=10)
     assert back == TrainState(total_steps=10, step=4, trained_tokens=99, skipped_steps=1, tracking_run_id="abc",
-                              last_eval_step=3, last_save_step=4)
+                              last_eval_step=3, last_save_step=4, best_step=2, best_value=0.5, evals_since_best=1)
     older = {k: v for k, v in state.state_dict().items() if k != "last_eval_step"}  # before the field existed
     assert TrainState.resumed(older, total_steps=10).last_eval_step == 4
+
+
+def run_with_evals(tmp_path, monkeypatch, values, *, steps=10, **train):
+    trainer = trainer_for(tmp_path, monkeypatch, steps=steps, eval_data=True, eval_every=1, **train)
+    trainer.steps.eval_values = list(values)
+    exported = []
+    monkeypatch.setattr("bigsft.export.export_checkpoint", lambda path, out, **k: exported.append(path))
+    trainer.steps.export = lambda *a: exported.append("engine")
+    with StopRequest() as stop:
+        trainer.fit(stop)
+        trainer.finish(stop)
+    return trainer, exported
+
+
+def test_a_new_best_eval_saves_a_checkpoint_that_rotation_keeps(tmp_path, monkeypatch):
+    losses = [{"eval/loss": v} for v in (3.0, 2.0, 2.5, 1.0, 1.5, 1.2)]
+    trainer, exported = run_with_evals(tmp_path, monkeypatch, losses, steps=6, best_metric="eval/loss")
+    saves = [s for s, _ in trainer.checkpointer.saved]
+    assert saves == [1, 2, 4, 6]  # each new best, and the last step
+    assert trainer.checkpointer.best == [(1, "eval/loss", 3.0), (2, "eval/loss", 2.0), (4, "eval/loss", 1.0),
+                                         (4, "eval/loss", 1.0)]  # what rotation keeps at every save
+    assert trainer.state.best_step == 4 and trainer.state.best_value == 1.0
+    assert trainer.checkpointer.saved[-1][1]["best_step"] == 4  # a resumed run knows the best so far
+    assert exported == ["engine"]  # train.final=last
+
+
+def test_final_best_exports_the_best_checkpoint(tmp_path, monkeypatch):
+    f1 = [{"eval/f1": v} for v in (0.5, 0.7, 0.6, 0.65)]  # f1: higher is better (best_mode auto)
+    trainer, exported = run_with_evals(tmp_path, monkeypatch, f1, steps=4, best_metric="eval/f1", final="best")
+    assert trainer.state.best_step == 2 and exported == ["step_2"]
+    trainer, exported = run_with_evals(tmp_path, monkeypatch, [{"eval/f1": v} for v in (0.5, 0.7)], steps=2,
+                                       best_metric="eval/f1", final="best")
+    assert exported == ["engine"]  # the last step is the best: straight from the engine
+
+
+def test_early_stopping_ends_the_run_as_finished(tmp_path, monkeypatch):
+    losses = [{"eval/loss": v} for v in (3.0, 2.0, 1.95, 2.5, 1.0)]
+    trainer, exported = run_with_evals(tmp_path, monkeypatch, losses, steps=10, early_stopping_patience=2,
+                                       early_stopping_min_delta=0.1)
+    # 1.95 is not better than 2.0 by more than 0.1: evals 3 and 4 count, and the run stops after step 4
+    assert trainer.state.step == 4 and len(trainer.steps.calls) == 4 and trainer.steps.evals == 4
+    assert [s for s, _ in trainer.checkpointer.saved] == [4] and exported == ["engine"]
+    assert trainer.state.evals_since_best == 2 and trainer.state.best_step == 2
+    assert "has not improved on 2 (step 2) for 2 evals" in trainer.early_stop_reason()
+
+
+def test_best_mode_and_the_metric_early_stopping_follows():
+    assert TrainConfig(best_metric="eval/f1").higher_is_better
+    assert not TrainConfig(best_metric="eval/perplexity").higher_is_better
+    assert not TrainConfig(best_metric="eval/f1", best_mode="min").higher_is_better
+    assert TrainConfig(early_stopping_patience=3).selection_metric == "eval/loss"
+    assert TrainConfig().selection_metric is None
