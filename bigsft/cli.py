@@ -44,7 +44,7 @@ def validate_command(args: argparse.Namespace) -> int:
     print(f"steps: {prepared.total_steps}" + (f", resuming at {pre.resume.trainer['step']} from {pre.resume.path}"
                                                if pre.resume else ""))
     print(f"deepspeed: {pre.ds_label} (ZeRO-{pre.zero_stage}, optimizer offload {pre.offload_optimizer})")
-    print(json.dumps(pre.resolved_ds(prepared.total_steps), indent=2))
+    print(json.dumps(prepared.ds, indent=2))  # what ds_config.json will hold
     return 0
 
 
