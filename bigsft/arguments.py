@@ -94,6 +94,16 @@ def subcommand_parsers() -> dict[str, ArgumentParser]:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="shard above this size (default 5GB)")
 
+    p = parsers["evaluate"] = commands.add_parser(
+        "evaluate", help="the eval metrics of a model on the config's data.eval, into output_dir/eval_report.json",
+        description="Evaluate MODEL (a final/ or exported directory, a checkpoint, or a pretrained model: the "
+                    "untrained baseline) on the config's data.eval with the metrics training logs; the report "
+                    "goes to the config's output_dir as eval_report.json. Several ranks: "
+                    "torchrun --nproc_per_node N -m bigsft evaluate ...")
+    p.add_argument("model", metavar="MODEL")
+    _config_and_overrides(p)
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+
     data = commands.add_parser("data", help="data tools: inspect", description="Data tools.")
     data_commands = data.add_subparsers(metavar="COMMAND", parser_class=ArgumentParser)
     parsers["data"] = data

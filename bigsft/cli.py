@@ -1,4 +1,4 @@
-"""`bigsft` command line: train, validate, plan, export, data inspect."""
+"""`bigsft` command line: train, validate, evaluate, plan, export, data inspect."""
 
 from __future__ import annotations
 
@@ -68,6 +68,15 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(args: argparse.Namespace) -> int:
+    from bigsft.assess import evaluate_model
+    from bigsft.config import load_config
+    from bigsft.dist import read_launch_env
+
+    evaluate_model(args.model, load_config(args.config, args.overrides), read_launch_env(local_rank_arg=args.local_rank))
+    return 0
+
+
 def plan_command(args: argparse.Namespace) -> int:
     from bigsft.config import load_config
     from bigsft.model import load_hf_config
@@ -88,7 +97,7 @@ def _host_memory_gib() -> float:
 
 
 COMMANDS = {"validate": validate_command, "data inspect": inspect_command, "export": export_command,
-            "plan": plan_command}
+            "plan": plan_command, "evaluate": evaluate_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -209,19 +209,10 @@ class Tracker:
         if not self.enabled:
             return
         self._stop_progress()
-        if rows:
-            columns = list(rows)
-            keys = [k for k in rows[columns[-1]] if isinstance(rows[columns[-1]][k], float)]
-            table = Table(title=title)
-            table.add_column("metric")
-            for c in columns:
-                table.add_column(c, justify="right")
+        keys = print_metrics(title, rows)
+        if rows and self._wandb is not None:
             for k in keys:
-                table.add_row(k.removeprefix("eval/"), *(_fmt(k, rows[c].get(k, float("nan"))) for c in columns))
-            console.print(table)
-            if self._wandb is not None:
-                for k in keys:
-                    self._wandb.summary[k] = rows[columns[-1]][k]
+                self._wandb.summary[k] = rows[list(rows)[-1]][k]
         for key, value in (extra or {}).items():
             console.print(f"{key}: {value}")
             if self._wandb is not None:
@@ -240,6 +231,22 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
+    """A console table of metric -> value per column (e.g. before / after training); returns its keys."""
+    if not rows:
+        return []
+    columns = list(rows)
+    keys = [k for k in rows[columns[-1]] if isinstance(rows[columns[-1]][k], float)]
+    table = Table(title=title)
+    table.add_column("metric")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for k in keys:
+        table.add_row(k.removeprefix("eval/"), *(_fmt(k, rows[c].get(k, float("nan"))) for c in columns))
+    console.print(table)
+    return keys
 
 
 def info(message: str, *, enabled: bool = True) -> None:

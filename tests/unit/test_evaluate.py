@@ -122,3 +122,20 @@ def test_head_selection_only_for_families_whose_logits_are_the_head():
     assert trained_positions_head(model, SimpleNamespace(model_type="llama")) is not None
     assert trained_positions_head(model, SimpleNamespace(model_type="gemma2")) is None  # soft-capped logits
     assert trained_positions_head(model, SimpleNamespace(model_type="qwen2", logit_scale=0.5)) is None
+
+
+def test_evaluate_refuses_a_head_that_cannot_score_the_data():
+    from types import SimpleNamespace
+
+    from bigsft.assess import _head_problems
+
+    classifier = SimpleNamespace(architectures=["BertForSequenceClassification"], id2label={0: "neg", 1: "pos"})
+    assert _head_problems(classifier, "sequence_classification", {0: "neg", 1: "pos"}) == []
+    assert "is a sequence classifier" in _head_problems(classifier, "causal_lm", None)[0]
+    assert "classifies 2 classes, the data 3" in _head_problems(classifier, "sequence_classification",
+                                                                {0: "a", 1: "b", 2: "c"})[0]
+    assert "are not the data's" in _head_problems(classifier, "sequence_classification", {0: "pos", 1: "neg"})[0]
+    unnamed = SimpleNamespace(architectures=["BertForSequenceClassification"], id2label={0: "LABEL_0", 1: "LABEL_1"})
+    assert _head_problems(unnamed, "sequence_classification", {0: "neg", 1: "pos"}) == []
+    base = SimpleNamespace(architectures=["BertModel"], id2label={0: "LABEL_0", 1: "LABEL_1"})
+    assert _head_problems(base, "sequence_classification", {0: "a", 1: "b", 2: "c"}) == []  # a new head

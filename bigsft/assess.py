@@ -1,0 +1,110 @@
+"""`bigsft evaluate MODEL CONFIG`: the fine-tuning workflow's last step as a command of its own.
+
+MODEL is a `final/` directory, any exported HF model directory, a checkpoint (step_NNNNNNNN, exported
+first), or a pretrained model (then a new classification head: the before-training baseline). The
+config's `data.eval` says what to evaluate on, with the metrics training logs, counted exactly once
+across ranks on one or many (`torchrun -m bigsft evaluate ...`). The report goes to
+`output_dir/eval_report.json`, keyed as `metrics.jsonl`'s eval keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+from bigsft import dist, tracking
+from bigsft.config import ConfigError, RunConfig
+from bigsft.dist import LaunchEnv
+
+REPORT = "eval_report.json"
+
+
+def _model_dir(model: str, launch: LaunchEnv, scratch: Path) -> str:
+    """An HF model directory (or hub id / pkg: source) for MODEL; a checkpoint is exported by rank 0 first."""
+    path = Path(model)
+    if not (path / "trainer.json").is_file():
+        return model
+    from bigsft.export import export_checkpoint
+
+    problem = ""
+    if launch.is_main:
+        try:
+            export_checkpoint(path, scratch / "model")
+        except ConfigError as e:
+            problem = str(e)
+    problem = dist.all_gather_object(problem)[0]
+    if problem:
+        raise ConfigError(problem)
+    return str(scratch / "model")
+
+
+def _head_problems(hf_config, task: str, id2label: dict[int, str] | None) -> list[str]:
+    """A trained head that cannot score this data: the other task's, or other classes."""
+    heads = [a for a in getattr(hf_config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
+    if task == "causal_lm":
+        return [f"MODEL is a sequence classifier ({heads[0]}) but the config's model.task is causal_lm"] if heads else []
+    if not heads or id2label is None:
+        return []  # a base model: a new head, the untrained baseline
+    theirs = {int(k): v for k, v in (hf_config.id2label or {}).items()}
+    if len(theirs) != len(id2label):
+        return [f"MODEL classifies {len(theirs)} classes, the data {len(id2label)} ({', '.join(id2label.values())})"]
+    named = any(not v.startswith("LABEL_") for v in theirs.values())
+    if named and theirs != id2label:
+        return [f"MODEL's classes {list(theirs.values())} are not the data's {list(id2label.values())} (in id order)"]
+    return []
+
+
+def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, float]:
+    """The eval metrics of MODEL on cfg.data.eval; rank 0 writes them to output_dir/eval_report.json."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from bigsft.batch_math import BatchMath
+    from bigsft.data import eval_batches, setup_data
+    from bigsft.data.scan import SplitStats
+    from bigsft.data.stream import dummy_batch
+    from bigsft.evaluate import evaluate
+    from bigsft.model import build_model, build_tokenizer, load_hf_config, trained_positions_head
+
+    if not cfg.data.eval:
+        raise ConfigError("data.eval: bigsft evaluate needs eval data in the config")
+    dist.init_process_group(launch)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bigsft-evaluate-") as scratch:
+            source = _model_dir(model, launch, Path(scratch))
+            # The model directory's own tokenizer (final/ and exports carry it), else the config's.
+            own_tokenizer = (Path(source) / "tokenizer_config.json").is_file() or cfg.model.tokenizer is None
+            model_cfg = dataclasses.replace(cfg.model, name_or_path=source, config=None, lora=None,
+                                            gradient_checkpointing=False,
+                                            tokenizer=None if own_tokenizer else cfg.model.tokenizer)
+            hf_config = load_hf_config(model_cfg)
+            tokenizer = build_tokenizer(model_cfg)
+            run_data = setup_data(cfg.data, model_cfg, tokenizer)
+            problems = _head_problems(hf_config, cfg.model.task, run_data.id2label)
+            if problems:
+                raise ConfigError(problems)
+            torch.manual_seed(cfg.train.seed)  # a new head (the baseline) is the same on every rank
+            net = build_model(model_cfg, hf_config, tokenizer=tokenizer, id2label=run_data.id2label, seed=cfg.train.seed)
+        device = get_accelerator().current_device_name()
+        net = net.to(device).eval()
+        causal = cfg.model.task == "causal_lm"
+        ranks = BatchMath(micro_batch_size=cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size,
+                          gradient_accumulation_steps=1, data_parallel_size=launch.world_size)
+        batches = eval_batches(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
+                               pad_id=tokenizer.pad_token_id)
+        metrics = evaluate(net, batches, causal=causal, num_labels=len(run_data.id2label) if run_data.id2label else None,
+                           device=device, dummy=dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id),
+                           head=trained_positions_head(net, hf_config) if causal else None)
+    finally:
+        dist.destroy_process_group()
+    if launch.is_main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (REPORT + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(out / REPORT)
+        tracking.print_metrics(f"evaluation of {model}", {"eval": metrics})
+        tracking.info(f"report: {out / REPORT}")
+    return metrics
