@@ -68,8 +68,8 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
     from bigsft.evaluate import evaluate
     from bigsft.model import build_model, build_tokenizer, load_hf_config, trained_positions_head
 
-    if not cfg.data.eval:
-        raise ConfigError("data.eval: bigsft evaluate needs eval data in the config")
+    if not cfg.data.has_eval:
+        raise ConfigError("data.eval: bigsft evaluate needs eval data in the config (data.eval or data.validation)")
     dist.init_process_group(launch)
     try:
         with tempfile.TemporaryDirectory(prefix="bigsft-evaluate-") as scratch:

@@ -104,7 +104,11 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     """Training sources."""
     eval: list[DataSource] = field(default_factory=list)
-    """Evaluation sources; evaluation is skipped when empty."""
+    """Evaluation sources; evaluation is skipped when empty (and `validation` unset)."""
+    validation: int | float | None = None
+    """Hold out part of each training source as an eval set: a fraction below 1, or a record count per
+    source. Records are chosen by a hash of their file name and position: the same on any world size and
+    on resume, and never trained on. Evaluated besides `eval`."""
     max_length: int = 1024
     """Longest sample in tokens; longer samples are truncated (prompt kept, response cut)."""
     packing: bool = False
@@ -125,6 +129,11 @@ class DataConfig:
     """Samples longer than max_length: cut the response side, or skip the sample (counted either way)."""
     shuffle_buffer: int = 1000
     """Samples held per source for shuffling (bounded memory); file order is reshuffled every epoch."""
+
+    @property
+    def has_eval(self) -> bool:
+        """Eval sources, or training sources with a held-out share."""
+        return bool(self.eval) or self.validation is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -642,6 +651,9 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         errors.append("data.train: give every source a weight, or none (then sources mix by their sizes)")
     if d.packing and m.task != "causal_lm":
         errors.append("data.packing: packing applies to causal_lm; set data.packing=false for classification")
+    v = d.validation
+    if v is not None and (isinstance(v, bool) or not (0 < v < 1 or (isinstance(v, int) and v >= 1))):
+        errors.append(f"data.validation: {v!r}; a fraction between 0 and 1, or a record count >= 1")
     if d.shuffle_buffer < 1:
         errors.append(f"data.shuffle_buffer: {d.shuffle_buffer}; must be >= 1 (1 keeps the file order)")
     return errors

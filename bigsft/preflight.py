@@ -73,8 +73,9 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
     if metric is None:
         return []
     key = "train.best_metric" if cfg.train.best_metric else "train.early_stopping_patience"
-    if not cfg.data.eval:
-        return [f"{key}: picking the best checkpoint and stopping early follow an eval metric; set data.eval"]
+    if not cfg.data.has_eval:
+        return [f"{key}: picking the best checkpoint and stopping early follow an eval metric; set data.eval "
+                "or data.validation"]
     names = metric_names(cfg.model.task)
     if metric not in names:
         return [f"train.best_metric: {metric!r} is not a metric this run logs; task {cfg.model.task} logs "

@@ -319,7 +319,7 @@ class Trainer:
         from bigsft.steps import StepResult, WindowCounts
 
         t, state, engine = self.cfg.train, self.state, self.engine
-        if self.cfg.data.eval and t.eval_at_start and self.pre.resume is None:
+        if self.cfg.data.has_eval and t.eval_at_start and self.pre.resume is None:
             self.results["before training"] = self.evaluate(0, stop) or {}
         engine.train()
         self.meter.restart()
@@ -348,7 +348,7 @@ class Trainer:
             self.count(result, counts, loss_scale)
             if state.step % t.log_every == 0 or state.step == state.total_steps:
                 self.log(lr, loss_scale)
-            if self.cfg.data.eval and t.eval_every and state.step % t.eval_every == 0:
+            if self.cfg.data.has_eval and t.eval_every and state.step % t.eval_every == 0:
                 self.evaluate_after_training(stop)
             if (t.save_every and state.step % t.save_every == 0 and state.step != state.total_steps
                     and state.last_save_step != state.step):  # a new best may have saved it already
@@ -487,7 +487,7 @@ class Trainer:
         """The final eval (unless the last step had one), the last checkpoint, the export to final/ and the
         summary; returns the final eval metrics (empty without eval data)."""
         state = self.state
-        if self.cfg.data.eval and state.last_eval_step != state.step and not self.evaluate_after_training(stop):
+        if self.cfg.data.has_eval and state.last_eval_step != state.step and not self.evaluate_after_training(stop):
             # A stop signal during the final eval: save, and the relaunch evaluates.
             self.save_and_stop(f"stopped by a signal at step {state.step} during the final eval; checkpoint "
                                "saved, relaunch to evaluate and export")

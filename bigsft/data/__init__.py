@@ -16,7 +16,7 @@ from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
 from bigsft.data.formats import CONVERSATION_FORMATS
 from bigsft.data.scan import SplitStats, label_names, scan
-from bigsft.data.sources import count_records
+from bigsft.data.sources import Holdout, count_records, holdout_threshold
 from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_streams
 from bigsft.data.tokenize import SampleBuilder, keep_chat_template
 
@@ -28,6 +28,13 @@ class RunData:
     weights: list[float]
     """Sampling weights of the training sources."""
     scanned: dict[str, SplitStats]
+    holdout_thresholds: list[int] | None = None
+    """data.validation: per training source, the hash threshold of its held-out records."""
+
+    def holdouts(self, keep: str) -> list[Holdout | None]:
+        if self.holdout_thresholds is None:
+            return []
+        return [Holdout(t, keep=keep) for t in self.holdout_thresholds]
 
 
 def classification_labels(data: DataConfig, model: ModelConfig) -> dict[int, str]:
@@ -63,13 +70,16 @@ def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
     scanned = {"train": scan(data.train, "train", build, data.max_bad_fraction)}
     if data.eval:
         scanned["eval"] = scan(data.eval, "eval", build, data.max_bad_fraction)
-    return RunData(build, id2label, source_weights(data.train), scanned)
+    thresholds = None
+    if data.validation is not None:
+        thresholds = [holdout_threshold(s, f"data.train[{i}]", data.validation) for i, s in enumerate(data.train)]
+    return RunData(build, id2label, source_weights(data.train), scanned, thresholds)
 
 
 def train_stream(data: DataConfig, run_data: RunData, stats: SplitStats, *, seed: int, batch: BatchMath, dp_rank: int,
                  pad_id: int) -> TrainStream:
     streams = source_streams(data.train, "train", run_data.build, stats, seed=seed, dp_rank=0, dp_size=1,
-                             train=True, buffer_size=data.shuffle_buffer)
+                             train=True, buffer_size=data.shuffle_buffer, holdouts=run_data.holdouts("train"))
     mixed = MixedStream(streams, run_data.weights, seed=seed)
     return TrainStream(mixed, batch=batch, dp_rank=dp_rank, pad_id=pad_id, pad_to_multiple_of=data.pad_to_multiple_of,
                        packer=Packer(data.max_length) if data.packing else None)
@@ -87,9 +97,14 @@ def windows_in_first_epoch(stream: TrainStream) -> int:
 
 def eval_batches(data: DataConfig, run_data: RunData, stats: SplitStats, *, batch: BatchMath, dp_rank: int,
                  pad_id: int) -> Iterator[Batch]:
-    """This rank's share of the eval sources, once, in order (every sample on exactly one rank)."""
+    """This rank's share of the eval sources, then of the training sources' held-out records (data.validation),
+    once, in order (every sample on exactly one rank)."""
     streams = source_streams(data.eval, "eval", run_data.build, stats, seed=0, dp_rank=dp_rank,
                              dp_size=batch.data_parallel_size, train=False, buffer_size=128)
+    if data.validation is not None:
+        streams += source_streams(data.train, "train", run_data.build, stats, seed=0, dp_rank=dp_rank,
+                                  dp_size=batch.data_parallel_size, train=False, buffer_size=128,
+                                  holdouts=run_data.holdouts("validation"))
     return batches_once(streams, micro_batch_size=batch.eval_micro, pad_id=pad_id,
                          pad_to_multiple_of=data.pad_to_multiple_of,
                          packer=Packer(data.max_length) if data.packing else None)

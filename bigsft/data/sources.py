@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -249,12 +250,45 @@ class ReaderPosition:
 EPOCH_END = object()
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """A source's held-out share (`data.validation`): the records whose hash of file name and position in
+    the file falls below `threshold` (of 2**64). The same records on every rank, world size and epoch."""
+
+    threshold: int
+    keep: str = "train"
+    """`train`: every record but the held-out ones; `validation`: only those."""
+
+    @staticmethod
+    def key(path: str, record: int) -> int:
+        digest = hashlib.blake2b(f"{os.path.basename(path)}:{record}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    def skips(self, path: str, record: int) -> bool:
+        held = self.key(path, record) < self.threshold
+        return held if self.keep == "train" else not held
+
+
+def holdout_threshold(source: DataSource, where: str, validation: float | int) -> int:
+    """The hash threshold that holds out `validation` of a source: a fraction, or exactly that many records
+    (the ones with the smallest hashes); ConfigError when no training record would be left."""
+    if isinstance(validation, float):
+        return int(validation * 2**64)
+    keys = [Holdout.key(path, k) for path in list_files(source, where) for k, _ in enumerate(iter_file(path))]
+    if validation >= len(keys):
+        raise ConfigError(f"data.validation: {validation} records held out of {where}, which has {len(keys)}: no "
+                          "training data would be left")
+    return sorted(keys)[validation - 1] + 1
+
+
 class SourceReader:
     """This rank's records of one source. `next()` returns a Record, a BadRecord, EPOCH_END after the
-    last record of an epoch, or None when `cycle` is off and the single epoch is over."""
+    last record of an epoch, or None when `cycle` is off and the single epoch is over. With a `holdout`,
+    the records it skips are passed over before the ranks share the rest."""
 
     def __init__(self, source: DataSource, files: list[str], *, seed: int, index: int, dp_rank: int, dp_size: int,
-                 shuffle_files: bool, cycle: bool):
+                 shuffle_files: bool, cycle: bool, holdout: Holdout | None = None):
+        self.holdout = holdout
         self.source, self.files = source, files
         self.seed, self.index = seed, index
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -293,10 +327,13 @@ class SourceReader:
                 continue
             except (OSError, EOFError) as e:
                 raise DataError(f"{order[self.pos.file_cursor]}: cannot read past line {self.pos.line}: {e}") from None
-            k = self.pos.seen
-            self.pos.seen += 1
+            record = self.pos.record
             self.pos.record += 1
             self.pos.line, self.pos.offset = line, offset
+            if self.holdout is not None and self.holdout.skips(order[self.pos.file_cursor], record):
+                continue
+            k = self.pos.seen
+            self.pos.seen += 1
             if k % self.dp_size == self.dp_rank:
                 return parse()
 

@@ -23,7 +23,7 @@ from bigsft.config import DataSource
 from bigsft.data.batching import Batch, Packer, collate, collate_packed
 from bigsft.data.formats import PARSERS
 from bigsft.data.scan import SplitStats, parse_records, usable_samples
-from bigsft.data.sources import EPOCH_END, DataError, SourceReader, list_files
+from bigsft.data.sources import EPOCH_END, DataError, Holdout, SourceReader, list_files
 from bigsft.data.tokenize import IGNORE, Sample, SampleBuilder
 
 
@@ -216,13 +216,16 @@ def source_names(sources: Sequence[DataSource]) -> list[str]:
 
 
 def source_streams(sources: Sequence[DataSource], split: str, build: SampleBuilder, stats: SplitStats, *, seed: int,
-                   dp_rank: int, dp_size: int, train: bool, buffer_size: int) -> list[SourceStream]:
+                   dp_rank: int, dp_size: int, train: bool, buffer_size: int,
+                   holdouts: Sequence[Holdout | None] = ()) -> list[SourceStream]:
     """One stream per source: all records for training (every rank runs the global stream), this rank's
-    records (k % dp_size == dp_rank) for a single pass of evaluation."""
+    records (k % dp_size == dp_rank) for a single pass of evaluation. `holdouts[i]`: which of source i's
+    records its reader passes over (data.validation)."""
     streams = []
     for i, source in enumerate(sources):
         reader = SourceReader(source, list_files(source, f"data.{split}[{i}]"), seed=seed, index=i, dp_rank=dp_rank,
-                              dp_size=dp_size, shuffle_files=train, cycle=train)
+                              dp_size=dp_size, shuffle_files=train, cycle=train,
+                              holdout=holdouts[i] if i < len(holdouts) else None)
         streams.append(SourceStream(reader, build, stats, buffer_size=buffer_size, seed=seed, shuffle=train))
     return streams
 

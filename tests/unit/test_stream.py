@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bigsft.batch_math import BatchMath
-from bigsft.config import DataConfig, DataSource, ModelConfig
+from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data import eval_batches, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.batching import Packer
 from bigsft.data.scan import SplitStats
@@ -239,3 +239,37 @@ def test_datasource_errors_before_training(tok, tmp_path):
 
     with pytest.raises(ConfigError, match=r"data.train: 9 of 10 records are unusable \(90.0% > data.max_bad_fraction"):
         setup_data(data_config([f]), ModelConfig(name_or_path="x", task="causal_lm"), tok)
+
+
+def _validation_ids(tok, data, plan, world):
+    return sorted(i for r in range(world) for b in eval_batches(
+        data, plan, SplitStats(), dp_rank=r, pad_id=tok.pad_token_id,
+        batch=BatchMath(micro_batch_size=3, gradient_accumulation_steps=1, data_parallel_size=world))
+        for i in ids_of(tok, [b]))
+
+
+@pytest.mark.parametrize("validation", [0.25, 9])
+def test_validation_holds_out_the_same_records_on_any_world_size_and_never_trains_on_them(tok, tmp_path, validation):
+    paths = [write_texts(tmp_path / "a.jsonl", 0, 30), write_texts(tmp_path / "b.jsonl", 100, 20)]
+    data = data_config(paths, validation=validation)
+    plan = setup_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
+    held = _validation_ids(tok, data, plan, 1)
+    assert all(_validation_ids(tok, data, plan, world) == held for world in (2, 3))
+    per_source = [sum(i < 100 for i in held), sum(i >= 100 for i in held)]
+    if validation == 9:
+        assert per_source == [9, 9]  # exactly that many records of each source
+    else:
+        assert 0 < per_source[0] < 15 and 0 < per_source[1] < 10  # about a quarter of 30 and of 20
+    # Two epochs of training on 2 ranks: every other record, and none of the held-out ones.
+    trained = set()
+    for rank in range(2):
+        stream, _ = stream_for(tok, data, dp_rank=rank, dp_size=2, micro=2, accum=1)
+        for _ in range(2 * (50 - len(held)) // 4):
+            trained.update(ids_of(tok, stream.next_window()))
+    assert trained.isdisjoint(held) and trained | set(held) == set(range(30)) | set(range(100, 120))
+
+
+def test_validation_that_leaves_no_training_data_is_refused(tok, tmp_path):
+    data = data_config([write_texts(tmp_path / "a.jsonl", 0, 5)], validation=5)
+    with pytest.raises(ConfigError, match=r"data.validation: 5 records held out of data.train\[0\], which has 5"):
+        setup_data(data, ModelConfig(name_or_path="x", task="causal_lm"), tok)
