@@ -296,6 +296,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         candidates = [a for a in args if a is not type(None)]
         if len(candidates) == 1:  # an optional value: the member's own message says more
             return _convert(value, candidates[0], where, errors)
+        if isinstance(value, float) and float in candidates:  # 1.0 stays a fraction, not the count 1
+            return value
         # Try the members in order; the first that converts without problems wins.
         for cand in candidates:
             trial: list[str] = []
@@ -331,6 +333,15 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a mapping, got {value!r}")
             return None
         return dict(value)
+    if tp in (bool, int, float, str):
+        return _convert_scalar(value, tp, where, errors)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
+
+
+def _convert_scalar(value: Any, tp: type, where: str, errors: list[str]) -> Any:
+    """bool, int, float or str from YAML or an override's text; an error and None when it is not one."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -362,9 +373,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return str(value)
         errors.append(f"{where}: expected a string, got {value!r}")
         return None
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
+    raise AssertionError(tp)
 
 
 def _all_paths(cls: type, prefix: str = "") -> list[str]:
