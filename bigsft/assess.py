@@ -10,15 +10,12 @@ across ranks on one or many (`torchrun -m bigsft evaluate ...`). The report goes
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from pathlib import Path
 
 from bigsft import dist, tracking
 from bigsft.config import ConfigError, RunConfig
 from bigsft.dist import LaunchEnv
-
-REPORT = "eval_report.json"
 
 
 def _model_dir(model: str, launch: LaunchEnv, scratch: Path) -> str:
@@ -94,17 +91,20 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
                           gradient_accumulation_steps=1, data_parallel_size=launch.world_size)
         batches = eval_batches(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
                                pad_id=tokenizer.pad_token_id)
-        metrics = evaluate(net, batches, causal=causal, num_labels=len(run_data.id2label) if run_data.id2label else None,
-                           device=device, dummy=dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id),
-                           head=trained_positions_head(net, hf_config) if causal else None)
+        report: dict = {}
+        labels = list(run_data.id2label.values()) if run_data.id2label else None
+        metrics = evaluate(net, batches, causal=causal, num_labels=len(labels) if labels else None, device=device,
+                           dummy=dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id),
+                           head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
+                           report=report)
     finally:
         dist.destroy_process_group()
     if launch.is_main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (REPORT + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        tmp.replace(out / REPORT)
+        tracking.write_json_atomically(out / tracking.EVAL_REPORT, {**metrics, **report})
         tracking.print_metrics(f"evaluation of {model}", {"eval": metrics})
-        tracking.info(f"report: {out / REPORT}")
+        if report:
+            tracking.print_class_report(report)
+        tracking.info(f"report: {out / tracking.EVAL_REPORT}")
     return metrics

@@ -38,21 +38,25 @@ def summed_loss(model: Callable, batch: Batch, *, causal: bool,
     return loss, logits
 
 
+def _per_class(confusion: torch.Tensor):
+    cm = confusion.double()
+    tp = cm.diag()
+    predicted, actual = cm.sum(0), cm.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return tp, precision, recall, f1, actual, (predicted + actual) > 0
+
+
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     """Accuracy and macro precision / recall / F1 from a [true, predicted] count matrix.
 
     Macro averages run over the classes that occur in the labels or the predictions (as
     scikit-learn does); a class never predicted has precision 0, never present recall 0.
     """
-    cm = confusion.double()
-    tp = cm.diag()
-    predicted, actual = cm.sum(0), cm.sum(1)
-    present = (predicted + actual) > 0
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
-    total = cm.sum()
+    tp, precision, recall, f1, _, present = _per_class(confusion)
+    total = confusion.sum()
     classes = present.sum().clamp(min=1)
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
@@ -62,8 +66,17 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     }
 
 
+def class_report(confusion: torch.Tensor, names: list[str]) -> dict:
+    """Per class (in id order): precision, recall, F1 and support (true examples); and the confusion
+    matrix, rows the true classes and columns the predicted ones."""
+    _, precision, recall, f1, support, _ = _per_class(confusion)
+    classes = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                      "support": int(support[i])} for i, name in enumerate(names)}
+    return {"classes": classes, "confusion": confusion.tolist(), "labels": list(names)}
+
+
 def metric_names(task: str) -> list[str]:
-    """The keys an eval logs for a task."""
+    """The keys an eval logs for a task (classifiers add `eval/f1/<class>` for each class)."""
     if task == "sequence_classification":
         return ["eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1", "eval/examples"]
     return ["eval/loss", "eval/perplexity", "eval/tokens"]
@@ -76,11 +89,14 @@ class EvalInterrupted(Exception):
 @torch.no_grad()
 def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
              device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None,
-             stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
+             stop_requested: Callable[[], bool] | None = None, label_names: list[str] | None = None,
+             report: dict | None = None) -> dict[str, float]:
     """Metrics over all ranks' batches. Ranks run the same number of forward passes (ZeRO-3 gathers
     parameters collectively): a rank out of batches runs `dummy`, which counts for nothing, until
     every rank is done. `stop_requested` (a stop signal) is polled before every batch, in the same
-    collective: an eval longer than a signal's lead time must not cost the save."""
+    collective: an eval longer than a signal's lead time must not cost the save. A classifier's metrics
+    include each class's F1 (`eval/f1/<name>`); `report`, when given, receives the per-class report and
+    the confusion matrix (`class_report`)."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     count = 0
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None
@@ -109,6 +125,10 @@ def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_lab
         dist.all_reduce_tensor(confusion)
         out.update({f"eval/{k}": v for k, v in classification_metrics(confusion).items()})
         out["eval/examples"] = int(total_count)
+        per_class = class_report(confusion, label_names or [str(i) for i in range(num_labels)])
+        out.update({f"eval/f1/{name}": row["f1"] for name, row in per_class["classes"].items()})
+        if report is not None:
+            report.update(per_class)
     else:
         out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
         out["eval/tokens"] = int(total_count)

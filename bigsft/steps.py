@@ -82,6 +82,7 @@ class ZeroSteps:
         self.causal = cfg.model.task == "causal_lm"
         id2label = prepared.data.id2label
         self.num_labels = len(id2label) if id2label else None
+        self.label_names = list(id2label.values()) if id2label else None
         # Under ZeRO-3 transformers sees this object and builds the model already partitioned; it must
         # live as long as the engine.
         self._hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
@@ -125,11 +126,13 @@ class ZeroSteps:
 
         return summed_loss(self.engine, micro.to(self.device), causal=self.causal, head=self.head)
 
-    def evaluate(self, batches: Iterable[Batch], stop_requested: Callable[[], bool]) -> dict[str, float]:
+    def evaluate(self, batches: Iterable[Batch], stop_requested: Callable[[], bool],
+                 report: dict | None = None) -> dict[str, float]:
         from bigsft.evaluate import evaluate
 
         return evaluate(self.engine, batches, causal=self.causal, num_labels=self.num_labels, device=self.device,
-                        dummy=self.dummy, head=self.head, stop_requested=stop_requested)
+                        dummy=self.dummy, head=self.head, stop_requested=stop_requested,
+                        label_names=self.label_names, report=report)
 
     def export(self, out_dir: Path, tokenizer) -> None:
         from bigsft.export import export_engine
@@ -177,8 +180,10 @@ class PipelineSteps:
         applied = self.engine.was_step_applied()
         return StepResult(loss * counts.targets / bm.world_size, _norm(self.engine), applied, applied)
 
-    def evaluate(self, batches: Iterable[Batch], stop_requested: Callable[[], bool]) -> dict[str, float]:
-        """The pipeline's eval runs whole windows in lockstep over stages: a stop signal waits for its end."""
+    def evaluate(self, batches: Iterable[Batch], stop_requested: Callable[[], bool],
+                 report: dict | None = None) -> dict[str, float]:
+        """The pipeline's eval runs whole windows in lockstep over stages: a stop signal waits for its end.
+        Causal LMs only: no class report."""
         from bigsft import pipe
 
         return pipe.evaluate_pipeline(self.engine, self.loss, list(batches), self.dummy, self.batch)

@@ -190,6 +190,19 @@ class Tracker:
             self._wandb.log({k: v for k, v in clean.items() if k != "step" and v is not None}, step=record["step"])
         self._show(record)
 
+    def class_report(self, report: dict, step: int, path: Path) -> None:
+        """A classifier's per-class report: to `path` (eval_report.json, with the eval's metrics) and to W&B
+        as a table."""
+        if not self.enabled:
+            return
+        write_json_atomically(path, {"step": step, **report})
+        if self._wandb is not None:
+            import wandb
+
+            rows = [[name, r["precision"], r["recall"], r["f1"], r["support"]] for name, r in report["classes"].items()]
+            self._wandb.log({"eval/classes": wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
+                                                         data=rows)}, step=step)
+
     def _show(self, record: dict[str, Any]) -> None:
         step = record["step"]
         of = f"/{self.total_steps}" if self.total_steps else ""
@@ -231,6 +244,33 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+EVAL_REPORT = "eval_report.json"
+"""output_dir/eval_report.json: the latest eval's metrics and a classifier's per-class report."""
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def print_class_report(report: dict) -> None:
+    """Precision, recall, F1 and support per class, and the confusion matrix (rows: true, columns: predicted)."""
+    table = Table(title="per class")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, r in report["classes"].items():
+        table.add_row(name, f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", str(r["support"]))
+    console.print(table)
+    matrix = Table(title="confusion (rows: true, columns: predicted)")
+    matrix.add_column("")
+    for name in report["labels"]:
+        matrix.add_column(name, justify="right")
+    for name, row in zip(report["labels"], report["confusion"], strict=True):
+        matrix.add_row(name, *(str(n) for n in row))
+    console.print(matrix)
 
 
 def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> list[str]:

@@ -211,6 +211,7 @@ class Trainer:
         self.results: dict[str, dict[str, float]] = {}
         self.tracker: tracking.Tracker | None = None
         self.grad_norm: float | None = None
+        self.class_report: dict | None = None
 
     def __enter__(self) -> Trainer:
         return self
@@ -408,14 +409,18 @@ class Trainer:
         self.engine.eval()
         batches = eval_batches(self.cfg.data, self.prepared.data, SplitStats(), batch=self.batch, dp_rank=self.dp_rank,
                                pad_id=self.prepared.tokenizer.pad_token_id)
+        report: dict = {}
         try:
-            metrics = self.steps.evaluate(batches, stop_requested=lambda: stop.requested)
+            metrics = self.steps.evaluate(batches, stop_requested=lambda: stop.requested, report=report)
         except EvalInterrupted:
             tracking.info(f"[yellow]eval at step {step} cut short by a stop signal[/]", enabled=self.is_main)
             return None
         finally:
             self.engine.train()
         self.tracker.log({"step": step, **metrics})
+        if report:  # a classifier's: the latest in output_dir/eval_report.json
+            self.tracker.class_report({**metrics, **report}, step, self.out_dir / tracking.EVAL_REPORT)
+            self.class_report = report
         self.meter.restart()
         return metrics
 
@@ -499,6 +504,8 @@ class Trainer:
         if state.step < state.total_steps:
             extra["stopped early"] = self.early_stop_reason()
         self.tracker.summary("evaluation", self.results, extra)
+        if self.class_report and self.is_main:
+            tracking.print_class_report(self.class_report)
         return self.results.get("after training", {})
 
     def export_final(self) -> str:

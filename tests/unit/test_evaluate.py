@@ -62,6 +62,15 @@ def test_evaluate_single_process_classification():
 
     m = evaluate(model, [batch], causal=False, num_labels=2, device="cpu", dummy=batch)
     assert m["eval/accuracy"] == pytest.approx(2 / 3) and m["eval/examples"] == 3
+    report = {}
+    m = evaluate(model, [batch], causal=False, num_labels=2, device="cpu", dummy=batch, label_names=["neg", "pos"],
+                 report=report)
+    # predicted [0, 1, 1] for true [0, 1, 0]: neg precision 1, recall 1/2; pos precision 1/2, recall 1
+    assert m["eval/f1/neg"] == pytest.approx(2 / 3) and m["eval/f1/pos"] == pytest.approx(2 / 3)
+    assert report["confusion"] == [[1, 1], [0, 1]] and report["labels"] == ["neg", "pos"]
+    assert report["classes"]["neg"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert report["classes"]["pos"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert m["eval/f1"] == pytest.approx((m["eval/f1/neg"] + m["eval/f1/pos"]) / 2)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

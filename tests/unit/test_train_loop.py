@@ -97,7 +97,7 @@ class Steps:
         default = StepResult(2.0 * counts.targets, 0.5, applied=True, scheduled=True)
         return self.results.get(i, default)
 
-    def evaluate(self, batches, stop_requested):
+    def evaluate(self, batches, stop_requested, report=None):
         self.evals += 1
         if stop_requested():
             from bigsft.evaluate import EvalInterrupted
