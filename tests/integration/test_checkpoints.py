@@ -22,6 +22,7 @@ import pytest
 import tiny
 from conftest import (
     REPO,
+    LaunchPool,
     causal_config,
     check,
     launch,
@@ -100,14 +101,93 @@ def logged_steps(run: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def references(ckpt_config, tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted runs, one per ZeRO stage."""
+def references(pool, ckpt_config, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs, one per ZeRO stage: side by side (conftest's LaunchPool), and all finished before
+    the tests that kill and signal runs begin (nothing else runs in the background then)."""
     runs = {}
     for ds in ("zero0", "zero2", "zero3"):
-        out = tmp_path_factory.mktemp(f"ref_{ds}") / "run"
-        check(launch(args(ckpt_config, out, ds), nproc=2))
-        runs[ds] = out
+        runs[ds] = tmp_path_factory.mktemp(f"ref_{ds}") / "run"
+        pool.add(f"ref_{ds}", args(ckpt_config, runs[ds], ds), nproc=2)
+    for ds in runs:
+        check(pool.result(f"ref_{ds}"))
     return runs
+
+
+@pytest.fixture(scope="module")
+def background(request, ckpt_config, world_config, poison_dir, tmp_path_factory) -> dict[str, Path]:
+    """The first runs of the tests from test_world_size_change_two_to_one_and_back on: fixed-seed trainings
+    whose outcome no timing changes, started side by side in the background (a LaunchPool of their own,
+    first asked for after the kill and signal tests) while the tests before them assert. Each test checks
+    the exit of its own; a test timed against the clock drains the pool first."""
+    bg = LaunchPool(request)
+    d = tmp_path_factory.mktemp("background")
+    out = {}
+
+    def add(key: str, argv: list[str], test: str, **how) -> None:
+        bg.add(key, argv, tests=(test,), **how)
+
+    # test_world_size_change_two_to_one_and_back: the uninterrupted reference, and the run it interrupts,
+    # 2 ranks to step 6, 1 rank to step 8, 2 ranks to the end.
+    two_one_two = "test_world_size_change_two_to_one_and_back"
+    constant = ["train.lr_schedule=constant", "train.warmup_steps=0"]
+    out["ws_reference"], out["ws_run"] = d / "ws_reference", d / "ws_run"
+    add("ws_reference", args(ckpt_config, out["ws_reference"], "zero2", *constant), two_one_two, nproc=2)
+    add("ws_two", args(ckpt_config, out["ws_run"], "zero2", "train.max_steps=6", *constant), two_one_two, nproc=2)
+    add("ws_one", args(ckpt_config, out["ws_run"], "zero2", "train.max_steps=8", "train.gradient_accumulation_steps=4",
+                       *constant), two_one_two, launcher="plain", after=("ws_two",))
+    add("ws_two_again", args(ckpt_config, out["ws_run"], "zero2", *constant), two_one_two, nproc=2,
+        after=("ws_one",))
+    out["truncated"] = d / "truncated"
+    add("truncated", args(ckpt_config, out["truncated"], "zero2", "train.max_steps=6"),
+        "test_truncated_shard_is_detected_never_a_fresh_start", nproc=2)
+    out["bad"] = d / "bad"
+    add("bad", args(ckpt_config, out["bad"], "zero0", "train.max_steps=3"), "test_bad_checkpoints_exit_2_with_the_fix",
+        launcher="plain")
+    # test_nan_on_one_rank_skips_the_same_step_everywhere: constant LR, a run whose step 3 is skipped and a
+    # run stopped after step 2.
+    records = tiny.alpaca_records(40, seed=6)
+    records[17]["instruction"] += " " + tiny.POISON  # step 3 holds samples 16..23 in file order
+    (d / "nan").mkdir()
+    train = tiny.write_jsonl(d / "nan" / "train.jsonl", records)
+    base = ["model.trust_remote_code=true", "data.shuffle_buffer=1", "train.lr_schedule=constant",
+            "train.warmup_steps=0", "train.log_every=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"]
+    cfg = causal_config(d / "nan", poison_dir, train)
+    out["nan_a"], out["nan_b"] = d / "nan" / "a", d / "nan" / "b"
+    nan_test = "test_nan_on_one_rank_skips_the_same_step_everywhere"
+    add("nan_a", [str(cfg), f"output_dir={out['nan_a']}", "train.max_steps=3", *base], nan_test, nproc=2)
+    add("nan_b", [str(cfg), f"output_dir={out['nan_b']}", "train.max_steps=2", *base], nan_test, nproc=2)
+    # test_diverged_run_stops_after_max_skipped_steps
+    records = tiny.alpaca_records(40, seed=6)
+    for r in records[8:]:
+        r["output"] += " " + tiny.POISON
+    (d / "diverged").mkdir()
+    cfg = causal_config(d / "diverged", poison_dir, tiny.write_jsonl(d / "diverged" / "train.jsonl", records))
+    add("diverged", [str(cfg), "model.trust_remote_code=true", "data.shuffle_buffer=1", "train.max_steps=9",
+                     "train.max_skipped_steps=3", "train.save_every=1"], "test_diverged_run_stops_after_max_skipped_steps",
+        nproc=2)
+    # test_world_size_change_keeps_the_global_batch: 2 ranks to step 4, then 1 rank from step 2.
+    for variant, (ds, *extra) in WORLD_VARIANTS.items():
+        ref, run = d / f"world_{variant}_reference", d / f"world_{variant}_run"
+        out[f"world_{variant}_reference"], out[f"world_{variant}_run"] = ref, run
+        test = f"test_world_size_change_keeps_the_global_batch[{variant}]"
+        add(f"world_{variant}_reference", [str(world_config), f"output_dir={ref}", f"deepspeed={ds}", *extra], test,
+            nproc=2)
+        add(f"world_{variant}_one", [str(world_config), f"output_dir={run}", f"deepspeed={ds}", *extra,
+                                     f"train.resume={ref}/checkpoints/step_00000002"], test, launcher="plain",
+            after=(f"world_{variant}_reference",))
+    out["node0"] = d / "node0"
+    add("node0", [str(world_config), f"output_dir={out['node0']}", "train.gradient_accumulation_steps=2"],
+        "test_ranks_that_see_different_checkpoints_all_exit_2", launcher="plain")
+    out["conversion"] = d / "conversion"
+    add("conversion", [str(world_config), f"output_dir={out['conversion']}", "deepspeed=zero2",
+                       "train.gradient_accumulation_steps=2", "train.max_steps=2"],
+        "test_failed_universal_conversion_exits_2_on_every_rank", launcher="plain")
+    out["older"] = d / "older"
+    add("older", [str(world_config), f"output_dir={out['older']}", "train.max_steps=6", "train.keep_last=3"],
+        "test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside", launcher="plain")
+    out["pool"] = bg
+    yield out
+    bg.close()
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
@@ -178,17 +258,15 @@ def test_stop_signal_saves_and_exits_75_then_resumes_exactly(sig, target, ckpt_c
     assert_same_run(out, references["zero3"])
 
 
-def test_world_size_change_two_to_one_and_back(ckpt_config, tmp_path):
+def test_world_size_change_two_to_one_and_back(background):
     # 2 ranks to step 6, 1 rank to step 8 (universal conversion), 2 ranks again to the end. A constant LR
     # keeps the schedule independent of max_steps, so the reference is one uninterrupted 2-rank run.
-    constant = ["train.lr_schedule=constant", "train.warmup_steps=0"]
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    check(launch(args(ckpt_config, reference, "zero2", *constant), nproc=2))
-    check(launch(args(ckpt_config, out, "zero2", "train.max_steps=6", *constant), nproc=2))
-    one = check(launch(args(ckpt_config, out, "zero2", "train.max_steps=8", "train.gradient_accumulation_steps=4",
-                            *constant), launcher="plain"))
+    bg, reference, out = background["pool"], background["ws_reference"], background["ws_run"]
+    check(bg.result("ws_reference"))
+    check(bg.result("ws_two"))
+    one = check(bg.result("ws_one"))
     assert "converted from 2 data-parallel ranks" in one.stdout
-    two = check(launch(args(ckpt_config, out, "zero2", *constant), nproc=2))
+    two = check(bg.result("ws_two_again"))
     assert "converted from 1 data-parallel ranks" in two.stdout
     # The data stream does not depend on the world size: the same samples every step. Dropout draws differ
     # once the ranks change, so after step 6 the losses agree closely, not exactly.
@@ -218,9 +296,9 @@ def test_export_from_every_stage_equals_the_engines_weights(ds, references, tmp_
     assert model.config.use_cache is True and (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
-def test_truncated_shard_is_detected_never_a_fresh_start(ckpt_config, references, tmp_path):
-    out = tmp_path / "run"
-    check(launch(args(ckpt_config, out, "zero2", "train.max_steps=6"), nproc=2))
+def test_truncated_shard_is_detected_never_a_fresh_start(ckpt_config, references, background):
+    out = background["truncated"]
+    check(background["pool"].result("truncated"))  # zero2, to step 6
     newest = out / "checkpoints" / "step_00000006"
     shard = newest / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
@@ -232,9 +310,9 @@ def test_truncated_shard_is_detected_never_a_fresh_start(ckpt_config, references
     assert (out / "metrics.jsonl").read_text() == before  # nothing overwritten
 
 
-def test_bad_checkpoints_exit_2_with_the_fix(ckpt_config, references, tmp_path, gpt2_dir):
-    out = tmp_path / "run"
-    check(launch(args(ckpt_config, out, "zero0", "train.max_steps=3"), launcher="plain"))
+def test_bad_checkpoints_exit_2_with_the_fix(ckpt_config, references, background, tmp_path, gpt2_dir):
+    out = background["bad"]
+    check(background["pool"].result("bad"))  # zero0, to step 3, one process
     snapshot = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
     def refused(*extra: str) -> str:
@@ -253,32 +331,23 @@ def test_bad_checkpoints_exit_2_with_the_fix(ckpt_config, references, tmp_path, 
     assert "is incomplete (no MANIFEST.json" in refused()
 
 
-def test_nan_on_one_rank_skips_the_same_step_everywhere(tmp_path, poison_dir):
-    # Constant LR: a run whose step 3 is skipped ends with exactly the weights of a run stopped after step 2.
-    records = tiny.alpaca_records(40, seed=6)
-    records[17]["instruction"] += " " + tiny.POISON  # step 3 holds samples 16..23 in file order
-    train = tiny.write_jsonl(tmp_path / "train.jsonl", records)
-    base = ["model.trust_remote_code=true", "data.shuffle_buffer=1", "train.lr_schedule=constant",
-            "train.warmup_steps=0", "train.log_every=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"]
-    cfg = causal_config(tmp_path, poison_dir, train)
-    check(launch([str(cfg), f"output_dir={tmp_path / 'a'}", "train.max_steps=3", *base], nproc=2))
-    check(launch([str(cfg), f"output_dir={tmp_path / 'b'}", "train.max_steps=2", *base], nproc=2))
-    steps = [r for r in read_metrics(tmp_path / "a") if "loss" in r]
+def test_nan_on_one_rank_skips_the_same_step_everywhere(background):
+    # Constant LR: a run whose step 3 is skipped ends with exactly the weights of a run stopped after step 2
+    # (both set up in `background`).
+    bg, a, b = background["pool"], background["nan_a"], background["nan_b"]
+    check(bg.result("nan_a"))
+    check(bg.result("nan_b"))
+    steps = [r for r in read_metrics(a) if "loss" in r]
     assert [r["skipped_steps"] for r in steps] == [0, 0, 1]
     assert steps[2]["loss"] is None and steps[2]["tokens"] == steps[1]["tokens"]
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
+    a, b = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)  # parameters (and so the optimizer) untouched by step 3
 
 
-def test_diverged_run_stops_after_max_skipped_steps(tmp_path, poison_dir):
-    records = tiny.alpaca_records(40, seed=6)
-    for r in records[8:]:
-        r["output"] += " " + tiny.POISON
-    cfg = causal_config(tmp_path, poison_dir, tiny.write_jsonl(tmp_path / "train.jsonl", records))
-    proc = launch([str(cfg), "model.trust_remote_code=true", "data.shuffle_buffer=1", "train.max_steps=9",
-                   "train.max_skipped_steps=3", "train.save_every=1"], nproc=2)
+def test_diverged_run_stops_after_max_skipped_steps(background):
+    proc = background["pool"].result("diverged")  # every sample from the 9th on poisoned (see `background`)
     assert proc.returncode == EXIT_FAILED
     assert "3 optimizer steps in a row had a non-finite loss or gradient (train.max_skipped_steps=3)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -320,18 +389,20 @@ def world_config(tmp_path_factory, llama_dir) -> Path:
 WORLD_TOLERANCE = 2e-6
 
 
-@pytest.mark.parametrize("variant", ["zero1", "zero3", "zero2_lora"])
-def test_world_size_change_keeps_the_global_batch(variant, world_config, tmp_path):
+# ZeRO-3 with weight decay: DeepSpeed's universal load gives every group the first one's (see
+# checkpoint.repair_zero3_universal_load).
+WORLD_VARIANTS = {"zero1": ["zero1"], "zero3": ["zero3", "train.weight_decay=0.1"],
+                  "zero2_lora": ["zero2", "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.lr=1e-2"]}
+
+
+@pytest.mark.parametrize("variant", list(WORLD_VARIANTS))
+def test_world_size_change_keeps_the_global_batch(variant, background):
     # 2 ranks (accumulation unset: global batch 2 × 2 = 4) to step 4, saving at 2; 1 rank resumes step 2
-    # (universal conversion) and must re-derive accumulation 2 to keep the batch of 4.
-    # ZeRO-3 with weight decay: DeepSpeed's universal load gives every group the first one's (see
-    # checkpoint.repair_zero3_universal_load).
-    ds, *extra = {"zero1": ["zero1"], "zero3": ["zero3", "train.weight_decay=0.1"],
-                  "zero2_lora": ["zero2", "model.lora={r: 4, alpha: 8, dropout: 0.0}", "train.lr=1e-2"]}[variant]
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    check(launch([str(world_config), f"output_dir={reference}", f"deepspeed={ds}", *extra], nproc=2))
-    one = check(launch([str(world_config), f"output_dir={out}", f"deepspeed={ds}", *extra,
-                        f"train.resume={reference}/checkpoints/step_00000002"], launcher="plain"))
+    # (universal conversion) and must re-derive accumulation 2 to keep the batch of 4 (runs in `background`).
+    bg = background["pool"]
+    reference, out = background[f"world_{variant}_reference"], background[f"world_{variant}_run"]
+    check(bg.result(f"world_{variant}_reference"))
+    one = check(bg.result(f"world_{variant}_one"))
     assert "converted from 2 data-parallel ranks" in one.stdout
     assert "micro 2 × accumulation 2 × data-parallel 1 = global 4" in one.stdout
     got = [r for r in read_metrics(out) if "loss" in r]
@@ -371,13 +442,12 @@ def launch_ranks(per_rank_args: list[list[str]], logs: Path, timeout: float = 24
     return [(p.returncode, (logs / f"rank{r}.log").read_text()) for r, p in enumerate(procs)]
 
 
-def test_ranks_that_see_different_checkpoints_all_exit_2(world_config, tmp_path):
+def test_ranks_that_see_different_checkpoints_all_exit_2(world_config, background, tmp_path):
     # One rank per "node", each with its own output_dir (node-local disks): rank 0 sees steps 2 and 4,
     # rank 1 an older copy with step 2 only, or nothing at all. Written on 1 rank with accumulation 2, so
     # the global batch of 4 fits 2 ranks.
-    node0, node1, fresh = tmp_path / "node0", tmp_path / "node1", tmp_path / "fresh"
-    check(launch([str(world_config), f"output_dir={node0}", "train.gradient_accumulation_steps=2"],
-                 launcher="plain"))
+    node0, node1, fresh = background["node0"], tmp_path / "node1", tmp_path / "fresh"
+    check(background["pool"].result("node0"))
     node1.mkdir()
     shutil.copytree(node0 / "checkpoints", node1 / "checkpoints")
     shutil.rmtree(node1 / "checkpoints" / "step_00000004")
@@ -394,11 +464,11 @@ def test_ranks_that_see_different_checkpoints_all_exit_2(world_config, tmp_path)
         assert not (node0 / "checkpoints" / "step_00000006").exists()
 
 
-def test_failed_universal_conversion_exits_2_on_every_rank(world_config, tmp_path):
+def test_failed_universal_conversion_exits_2_on_every_rank(world_config, background, tmp_path):
     # Written on 1 rank (ZeRO-2), resumed on 2: rank 0 converts, and its output folder is blocked by a file.
-    out = tmp_path / "run"
-    check(launch([str(world_config), f"output_dir={out}", "deepspeed=zero2", "train.gradient_accumulation_steps=2",
-                  "train.max_steps=2"], launcher="plain"))
+    out = background["conversion"]
+    check(background["pool"].result("conversion"))
+    background["pool"].drain()  # the time limit below is for these ranks alone
     (out / "checkpoints" / "step_00000002" / "universal.tmp").write_text("in the way")
     argv = [str(world_config), f"output_dir={out}", "deepspeed=zero2"]
     started = time.time()
@@ -410,13 +480,12 @@ def test_failed_universal_conversion_exits_2_on_every_rank(world_config, tmp_pat
     assert time.time() - started < 120  # no collective timeout waited out
 
 
-def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(world_config, tmp_path):
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(world_config, background):
     # A run to step 6; then, as the divergence message advises, a resume from step 2 with a lower LR (a new
     # trajectory), saving every step with keep_last 2; then resume: auto.
-    out = tmp_path / "run"
+    out = background["older"]
     root = out / "checkpoints"
-    check(launch([str(world_config), f"output_dir={out}", "train.max_steps=6", "train.keep_last=3"],
-                 launcher="plain"))
+    check(background["pool"].result("older"))  # to step 6, keep_last 3
     old = {p.name: json.loads((p / "MANIFEST.json").read_text())["time"] for p in root.iterdir()}
     again = ["train.lr=5e-4", "train.save_every=1", "train.keep_last=2"]
     second = check(launch([str(world_config), f"output_dir={out}", "train.max_steps=5", *again,

@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 import tiny
-from conftest import REPO, check, launch, read_metrics
+from conftest import REPO, check, read_metrics
 
 pytestmark = pytest.mark.slow
 
 
-def test_classification_metrics_on_two_ranks_equal_one_rank(tmp_path, tokenizer_dir):
+def test_classification_metrics_on_two_ranks_equal_one_rank(tmp_path, tokenizer_dir, pool):
     topics = REPO / "bigsft" / "recipes" / "data"
     evaluation = tmp_path / "eval.jsonl"
     evaluation.write_text("".join((topics / "topics_eval.jsonl").read_text().splitlines(keepends=True)[:41]))
@@ -33,9 +33,12 @@ def test_classification_metrics_on_two_ranks_equal_one_rank(tmp_path, tokenizer_
         "train": {"seed": 3, "micro_batch_size": 4, "eval_micro_batch_size": 4, "max_steps": 2, "lr": 1e-3,
                   "log_every": 1, "eval_at_start": True, "eval_every": 0}}))
     # ZeRO-3: rank 1's dummy forward must keep the parameter gathers in step, and must count for nothing.
-    check(launch([str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'two'}"], nproc=2))
-    check(launch([str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'one'}",
-                  "train.gradient_accumulation_steps=2"], launcher="plain"))
+    # The two runs are independent: side by side (conftest's LaunchPool).
+    pool.add("two", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'two'}"], nproc=2)
+    pool.add("one", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'one'}",
+                     "train.gradient_accumulation_steps=2"], launcher="plain")
+    check(pool.result("two"))
+    check(pool.result("one"))
 
     def evals(run: Path) -> list[dict]:
         return [r for r in read_metrics(run) if "eval/loss" in r]

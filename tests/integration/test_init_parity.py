@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 import tiny
-from conftest import REPO, check, launch, read_metrics
+from conftest import check, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +39,43 @@ def steps(run: Path) -> list[tuple[float, float]]:
 
 
 @pytest.fixture(scope="module")
-def zero0_steps(from_config, tmp_path_factory) -> list[tuple[float, float]]:
-    out = tmp_path_factory.mktemp("init_zero0") / "run"
-    check(launch([str(from_config), "deepspeed=zero0", f"output_dir={out}"], nproc=2))
-    return steps(out)
+def runs(pool, from_config, tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """The module's four trainings, independent: started side by side in the background (conftest's
+    LaunchPool); each test checks the exit of its own."""
+    d = tmp_path_factory.mktemp("init_runs")
+    out = {key: d / key for key in ("zero0", "zero2", "zero3_offload", "zero3_one_rank")}
+    every_stage = "test_model_config_init_is_the_same_under_every_zero_stage"
+    pool.add("zero0", [str(from_config), "deepspeed=zero0", f"output_dir={out['zero0']}"], nproc=2)
+    for ds in ("zero2", "zero3_offload"):
+        pool.add(ds, [str(from_config), f"deepspeed={ds}", f"output_dir={out[ds]}"], nproc=2,
+                 tests=(f"{every_stage}[{ds}]",))
+    # One rank, twice the accumulation: the same global batch of samples per step, and ZeRO-3 construction
+    # with nothing to partition across.
+    pool.add("zero3_one_rank", [str(from_config), "deepspeed=zero3", f"output_dir={out['zero3_one_rank']}",
+                                "train.gradient_accumulation_steps=4"], launcher="plain",
+             tests=("test_model_config_init_is_the_same_on_one_rank_under_zero3",))
+    pool.add("zero3_construction", commands=lambda: [zero3_check_command(tokenizer_dir)], timeout=600,
+             tests=("test_zero3_construction_gives_the_weights_of_plain_construction",))
+    return out
+
+
+def zero3_check_command(tokenizer_dir: Path) -> tuple[list[str], dict]:
+    """init_zero3_check.py as one gloo rank of its own."""
+    from bigsft.dist import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    return [sys.executable, str(Path(__file__).with_name("init_zero3_check.py")), str(tokenizer_dir)], env
+
+
+def trained_steps(pool, runs: dict[str, Path], key: str) -> list[tuple[float, float]]:
+    check(pool.result(key))
+    return steps(runs[key])
+
+
+@pytest.fixture(scope="module")
+def zero0_steps(pool, runs) -> list[tuple[float, float]]:
+    return trained_steps(pool, runs, "zero0")
 
 
 def assert_same_steps(got: list[tuple[float, float]], reference: list[tuple[float, float]]) -> None:
@@ -59,29 +91,19 @@ def assert_same_steps(got: list[tuple[float, float]], reference: list[tuple[floa
 # ZeRO-2 does), ZeRO-3 builds it partitioned; ZeRO-3 without offload runs on one rank below. Each launch
 # costs about a minute of CI, so one stage per path.
 @pytest.mark.parametrize("ds", ["zero2", "zero3_offload"])
-def test_model_config_init_is_the_same_under_every_zero_stage(ds, from_config, zero0_steps, tmp_path):
-    check(launch([str(from_config), f"deepspeed={ds}", f"output_dir={tmp_path / 'run'}"], nproc=2))
-    assert_same_steps(steps(tmp_path / "run"), zero0_steps)
+def test_model_config_init_is_the_same_under_every_zero_stage(ds, zero0_steps, pool, runs):
+    assert_same_steps(trained_steps(pool, runs, ds), zero0_steps)
 
 
-def test_model_config_init_is_the_same_on_one_rank_under_zero3(from_config, zero0_steps, tmp_path):
-    # One rank, twice the accumulation: the same global batch of samples per step, and ZeRO-3 construction
-    # with nothing to partition across.
-    check(launch([str(from_config), "deepspeed=zero3", f"output_dir={tmp_path / 'run'}",
-                  "train.gradient_accumulation_steps=4"], launcher="plain"))
-    assert_same_steps(steps(tmp_path / "run"), zero0_steps)
+def test_model_config_init_is_the_same_on_one_rank_under_zero3(zero0_steps, pool, runs):
+    # One rank, twice the accumulation (the launch is in `runs`).
+    assert_same_steps(trained_steps(pool, runs, "zero3_one_rank"), zero0_steps)
 
 
-def test_zero3_construction_gives_the_weights_of_plain_construction(tokenizer_dir):
+def test_zero3_construction_gives_the_weights_of_plain_construction(pool, runs):
     # One process, in seconds: every family and head the trainer builds from `model.config`, with a tied
     # embedding, a new <pad> row (resize), a classification head and LoRA adapters.
-    from bigsft.dist import free_port
-
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    script = Path(__file__).with_name("init_zero3_check.py")
-    proc = check(subprocess.run([sys.executable, str(script), str(tokenizer_dir)], capture_output=True, text=True,
-                                timeout=600, cwd=REPO, env=env))
+    proc = check(pool.result("zero3_construction"))
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"case"')]
     assert [r["case"] for r in reports] == ["qwen2_tied_new_pad", "llama_classifier", "bert_classifier", "gpt2",
                                             "llama_lora"]

@@ -10,12 +10,12 @@ import pytest
 from bigsft.export import checkpoint_state_dict
 
 import tiny
-from conftest import causal_config, check, launch, read_metrics
+from conftest import causal_config, check, read_metrics
 
 pytestmark = pytest.mark.slow
 
 
-def test_an_optimizer_named_in_the_json_skips_a_non_finite_step_at_zero0(tmp_path, poison_dir):
+def test_an_optimizer_named_in_the_json_skips_a_non_finite_step_at_zero0(tmp_path, poison_dir, pool):
     # The JSON's own optimizer (DeepSpeed builds it; bigsft's SkippingAdamW is not in the way) at ZeRO-0 in
     # fp32, where no DeepSpeed optimizer wrapper checks gradients. A run whose step 3 is poisoned must end with
     # exactly the weights of a run stopped after step 2, and its LR schedule must not fall a step behind.
@@ -33,10 +33,13 @@ def test_an_optimizer_named_in_the_json_skips_a_non_finite_step_at_zero0(tmp_pat
             "train.micro_batch_size=4", "train.gradient_accumulation_steps=2", "train.warmup_steps=1",
             "train.max_steps=4"]
     clean = tiny.write_jsonl(tmp_path / "clean.jsonl", tiny.alpaca_records(40, seed=6))
-    check(launch([*base, f"output_dir={tmp_path / 'a'}", "train.save_every=1", "train.keep_last=4"],
-                 launcher="plain"))
-    check(launch([*base, f"output_dir={tmp_path / 'c'}", f"data.train=[{{path: {clean}, format: alpaca}}]"],
-                 launcher="plain"))
+    # The two runs are independent: side by side (conftest's LaunchPool).
+    pool.add("a", [*base, f"output_dir={tmp_path / 'a'}", "train.save_every=1", "train.keep_last=4"],
+             launcher="plain")
+    pool.add("c", [*base, f"output_dir={tmp_path / 'c'}", f"data.train=[{{path: {clean}, format: alpaca}}]"],
+             launcher="plain")
+    check(pool.result("a"))
+    check(pool.result("c"))
     steps = [r for r in read_metrics(tmp_path / "a") if "loss" in r]
     assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 1]
     assert steps[2]["loss"] is None and steps[2]["tokens"] == steps[1]["tokens"]

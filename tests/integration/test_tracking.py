@@ -27,11 +27,37 @@ def run_config(tmp_path_factory, llama_dir) -> Path:
     return causal_config(d, llama_dir, train, evaluation, max_steps=6, eval_every=3)
 
 
-def test_wandb_run_holds_what_metrics_jsonl_holds_and_a_resume_continues_it(run_config, tmp_path):
-    out = tmp_path / "run"
-    first = check(launch([str(run_config), f"output_dir={out}", "wandb.mode=offline", "train.max_steps=4",
-                          "train.eval_every=2"], nproc=2, env=SENTINELS))
-    second = check(launch([str(run_config), f"output_dir={out}", "wandb.mode=offline"], nproc=2, env=SENTINELS))
+@pytest.fixture(scope="module")
+def runs(pool, run_config, tmp_path_factory) -> dict[str, Path]:
+    """The module's launches that depend on no timing, started side by side in the background (conftest's
+    LaunchPool); each test checks the exit of its own. The wandb resume starts once its first run is done."""
+    d = tmp_path_factory.mktemp("tracking_runs")
+    out = {key: d / key for key in ("wandb", "plain", "tty", "errors", "online")}
+    wandb_test = ("test_wandb_run_holds_what_metrics_jsonl_holds_and_a_resume_continues_it",)
+    pool.add("wandb_first", [str(run_config), f"output_dir={out['wandb']}", "wandb.mode=offline", "train.max_steps=4",
+                             "train.eval_every=2"], nproc=2, env=SENTINELS, tests=wandb_test)
+    pool.add("wandb_second", [str(run_config), f"output_dir={out['wandb']}", "wandb.mode=offline"], nproc=2,
+             env=SENTINELS, after=("wandb_first",), tests=wandb_test)
+    console = ("test_plain_console_off_a_terminal_and_a_progress_bar_on_one",)
+    pool.add("plain", [str(run_config), f"output_dir={out['plain']}"], launcher="plain", tests=console)
+    cmd = " ".join([str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "python") if os.environ.get("VIRTUAL_ENV")
+                    else "python3", "-m", "bigsft.train", str(run_config), f"output_dir={out['tty']}"])
+    pool.add("tty", commands=lambda: [(["script", "-qec", cmd, "/dev/null"], launch_env())], timeout=600,
+             tests=console)
+    pool.add("errors", [str(run_config), f"output_dir={out['errors']}", "train.lr=0"], nproc=2,
+             tests=("test_errors_name_their_rank",))
+    home = d / "home"
+    home.mkdir()
+    pool.add("online", [str(run_config), f"output_dir={out['online']}", "wandb.mode=online", "train.max_steps=1"],
+             launcher="plain", env={"HOME": str(home), "WANDB_API_KEY": "", "NETRC": str(home / "none")},
+             tests=("test_wandb_online_without_a_key_logs_offline_and_says_so",))
+    return out
+
+
+def test_wandb_run_holds_what_metrics_jsonl_holds_and_a_resume_continues_it(pool, runs):
+    out = runs["wandb"]
+    first = check(pool.result("wandb_first"))
+    second = check(pool.result("wandb_second"))
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]  # the same run id
     rows = {}
@@ -63,32 +89,27 @@ def assert_no_secret_under(root: Path) -> None:
                 assert value.encode() not in data, f"{name} leaked into {path}"
 
 
-def test_plain_console_off_a_terminal_and_a_progress_bar_on_one(run_config, tmp_path):
-    plain = check(launch([str(run_config), f"output_dir={tmp_path / 'a'}"], launcher="plain"))
+def test_plain_console_off_a_terminal_and_a_progress_bar_on_one(pool, runs):
+    plain = check(pool.result("plain"))
     assert "\x1b[" not in plain.stdout and "\r" not in plain.stdout  # Slurm logs get lines, not redraws
     assert "step 6/6  loss" in plain.stdout and "strategy" in plain.stdout and "final:" in plain.stdout
-    cmd = " ".join([str(Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "python") if os.environ.get("VIRTUAL_ENV")
-                    else "python3", "-m", "bigsft.train", str(run_config), f"output_dir={tmp_path / 'b'}"])
-    tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=launch_env(),
-                         cwd=REPO, timeout=600)
+    tty = pool.result("tty")  # under `script`: a terminal
     assert tty.returncode == 0, tty.stdout[-3000:]
     assert "eta" in tty.stdout and "6/6" in tty.stdout and "━" in tty.stdout  # the live progress bar
 
 
-def test_errors_name_their_rank(run_config, tmp_path):
-    proc = launch([str(run_config), f"output_dir={tmp_path / 'run'}", "train.lr=0"], nproc=2)
+def test_errors_name_their_rank(pool):
+    proc = pool.result("errors")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "bigsft [rank 0]: error: train.lr: 0.0; must be > 0" in text
     assert "bigsft [rank 1]: error: train.lr: 0.0; must be > 0" in text
 
 
-def test_wandb_online_without_a_key_logs_offline_and_says_so(run_config, tmp_path):
-    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "NETRC": str(tmp_path / "none")}
-    proc = check(launch([str(run_config), f"output_dir={tmp_path / 'run'}", "wandb.mode=online", "train.max_steps=1"],
-                        launcher="plain", env=env))
+def test_wandb_online_without_a_key_logs_offline_and_says_so(pool, runs):
+    proc = check(pool.result("online"))
     assert "mode online but no WANDB_API_KEY or ~/.netrc login: logging offline instead" in proc.stdout
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert list((runs["online"] / "wandb").glob("offline-run-*"))
 
 
 def test_port_in_use_is_a_clear_error(run_config, tmp_path):
