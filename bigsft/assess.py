@@ -87,8 +87,8 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         device = get_accelerator().current_device_name()
         net = net.to(device).eval()
         causal = cfg.model.task == "causal_lm"
-        ranks = BatchMath(micro_batch_size=cfg.train.eval_micro_batch_size or cfg.train.micro_batch_size,
-                          gradient_accumulation_steps=1, data_parallel_size=launch.world_size)
+        ranks = BatchMath(micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=1,
+                          data_parallel_size=launch.world_size, eval_micro_batch_size=cfg.train.eval_micro_batch_size)
         batches = eval_batches(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
                                pad_id=tokenizer.pad_token_id)
         report: dict = {}
