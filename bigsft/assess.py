@@ -59,7 +59,7 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
     from deepspeed.accelerator import get_accelerator
 
     from bigsft.batch_math import BatchMath
-    from bigsft.data import eval_batches, setup_data
+    from bigsft.data import eval_sets, setup_data
     from bigsft.data.scan import SplitStats
     from bigsft.data.stream import dummy_batch
     from bigsft.evaluate import evaluate
@@ -89,11 +89,11 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         causal = cfg.model.task == "causal_lm"
         ranks = BatchMath(micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=1,
                           data_parallel_size=launch.world_size, eval_micro_batch_size=cfg.train.eval_micro_batch_size)
-        batches = eval_batches(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
-                               pad_id=tokenizer.pad_token_id)
+        sets = eval_sets(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
+                         pad_id=tokenizer.pad_token_id)
         report: dict = {}
         labels = list(run_data.id2label.values()) if run_data.id2label else None
-        metrics = evaluate(net, batches, causal=causal, num_labels=len(labels) if labels else None, device=device,
+        metrics = evaluate(net, sets, causal=causal, num_labels=len(labels) if labels else None, device=device,
                            dummy=dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id),
                            head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
                            report=report)

@@ -7,8 +7,10 @@ on how samples fell into micro-batches or ranks.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,31 +77,101 @@ def class_report(confusion: torch.Tensor, names: list[str]) -> dict:
     return {"classes": classes, "confusion": confusion.tolist(), "labels": list(names)}
 
 
-def metric_names(task: str) -> list[str]:
-    """The keys an eval logs for a task (classifiers add `eval/f1/<class>` for each class)."""
+RESERVED_SET_NAMES = frozenset({"loss", "perplexity", "tokens", "token_accuracy", "accuracy", "precision", "recall",
+                                "f1", "examples", "classes", "generate"})
+"""Names an eval set cannot take: `eval/<set>/...` would read as a metric's own key."""
+
+
+def metric_names(task: str, sets: Sequence[str] = (), *, pipeline: bool = False) -> list[str]:
+    """The keys an eval logs for a task: the aggregate over every eval set, then each set's own
+    (`eval/<set>/<metric>`). Classifiers also log `eval/f1/<class>` for each class."""
     if task == "sequence_classification":
-        return ["eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1", "eval/examples"]
-    return ["eval/loss", "eval/perplexity", "eval/tokens"]
+        metrics = ["loss", "accuracy", "precision", "recall", "f1", "examples"]
+    else:
+        metrics = ["loss", "perplexity", "tokens"] + ([] if pipeline else ["token_accuracy"])
+    return [f"eval/{m}" for m in metrics] + [f"eval/{s}/{m}" for s in sets for m in metrics]
 
 
 class EvalInterrupted(Exception):
     """A stop signal reached some rank during an eval: every rank left it at the same batch."""
 
 
+@dataclass
+class Tally:
+    """One eval set's sums on this rank (or, reduced, over the world)."""
+
+    loss: float = 0.0
+    targets: int = 0
+    """Target tokens (causal LM) or examples (classifier)."""
+    correct: int = 0
+    """Targets whose argmax prediction is right (tokens for a causal LM)."""
+    confusion: torch.Tensor | None = None
+    """[true, predicted] counts, classifiers only."""
+
+    def add(self, other: Tally) -> Tally:
+        confusion = None if self.confusion is None else self.confusion + other.confusion
+        return Tally(self.loss + other.loss, self.targets + other.targets, self.correct + other.correct, confusion)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        loss = self.loss / max(self.targets, 1)
+        if self.confusion is not None:
+            out = {"loss": loss, **classification_metrics(self.confusion), "examples": int(self.targets)}
+        else:
+            out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(self.targets),
+                   "token_accuracy": self.correct / max(self.targets, 1)}
+        return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def reduce_tallies(tallies: list[Tally]) -> list[Tally]:
+    """The world's sums of each set, from every rank's own (one collective for the counts, one for the
+    confusion matrices)."""
+    flat = dist.all_reduce_sum([x for t in tallies for x in (t.loss, t.targets, t.correct)])
+    confusion = None
+    if tallies and tallies[0].confusion is not None:
+        confusion = torch.stack([t.confusion for t in tallies])
+        dist.all_reduce_tensor(confusion)
+    return [Tally(flat[3 * i], round(flat[3 * i + 1]), round(flat[3 * i + 2]),
+                  None if confusion is None else confusion[i]) for i in range(len(tallies))]
+
+
+def set_metrics(names: Sequence[str], tallies: list[Tally], *, label_names: list[str] | None = None,
+                report: dict | None = None) -> dict[str, float]:
+    """The aggregate keys (`eval/loss`, ... over every set), then each set's (`eval/<set>/loss`, ...). A
+    classifier's aggregate also has each class's F1 (`eval/f1/<class>`); `report`, when given, receives
+    the aggregate per-class report and confusion matrix (`class_report`)."""
+    total = functools.reduce(Tally.add, tallies)
+    out = total.metrics("eval/")
+    if total.confusion is not None:
+        n = total.confusion.shape[0]
+        per_class = class_report(total.confusion, label_names or [str(i) for i in range(n)])
+        out.update({f"eval/f1/{name}": row["f1"] for name, row in per_class["classes"].items()})
+        if report is not None:
+            report.update(per_class)
+    for name, tally in zip(names, tallies, strict=True):
+        out.update(tally.metrics(f"eval/{name}/"))
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
+def evaluate(model: Callable, sets: Sequence[tuple[str, Iterable[Batch]]], *, causal: bool, num_labels: int | None,
              device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None,
              stop_requested: Callable[[], bool] | None = None, label_names: list[str] | None = None,
              report: dict | None = None) -> dict[str, float]:
-    """Metrics over all ranks' batches. Ranks run the same number of forward passes (ZeRO-3 gathers
-    parameters collectively): a rank out of batches runs `dummy`, which counts for nothing, until
-    every rank is done. `stop_requested` (a stop signal) is polled before every batch, in the same
-    collective: an eval longer than a signal's lead time must not cost the save. A classifier's metrics
-    include each class's F1 (`eval/f1/<name>`); `report`, when given, receives the per-class report and
-    the confusion matrix (`class_report`)."""
+    """Metrics of each named eval set and of all of them, over all ranks' batches (`set_metrics`). Ranks
+    run the same number of forward passes (ZeRO-3 gathers parameters collectively): a rank out of a set's
+    batches runs `dummy`, which counts for nothing, until every rank is done with the set.
+    `stop_requested` (a stop signal) is polled before every batch, in the same collective: an eval
+    longer than a signal's lead time must not cost the save."""
+    tallies = [_tally(model, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy, head=head,
+                      stop_requested=stop_requested) for _, batches in sets]
+    return set_metrics([name for name, _ in sets], reduce_tallies(tallies), label_names=label_names, report=report)
+
+
+def _tally(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
+           device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None,
+           stop_requested: Callable[[], bool] | None) -> Tally:
+    tally = Tally(confusion=torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    count = 0
-    confusion = torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None
     it = iter(batches)
     while True:
         batch = next(it, None)
@@ -114,22 +186,17 @@ def evaluate(model: Callable, batches: Iterable[Batch], *, causal: bool, num_lab
         if not real:
             continue
         loss_sum += loss.double().cpu()
-        count += batch.num_targets
-        if confusion is not None:
-            pred = logits.argmax(-1).cpu()
-            idx = batch.targets.cpu() * num_labels + pred
-            confusion += torch.bincount(idx, minlength=num_labels * num_labels).view(num_labels, num_labels)
-    total_loss, total_count = dist.all_reduce_sum([float(loss_sum), count])
-    out = {"eval/loss": total_loss / max(total_count, 1)}
-    if confusion is not None:
-        dist.all_reduce_tensor(confusion)
-        out.update({f"eval/{k}": v for k, v in classification_metrics(confusion).items()})
-        out["eval/examples"] = int(total_count)
-        per_class = class_report(confusion, label_names or [str(i) for i in range(num_labels)])
-        out.update({f"eval/f1/{name}": row["f1"] for name, row in per_class["classes"].items()})
-        if report is not None:
-            report.update(per_class)
-    else:
-        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50.0))
-        out["eval/tokens"] = int(total_count)
-    return out
+        tally.targets += batch.num_targets
+        pred = logits.argmax(-1).cpu()
+        targets = batch.targets.cpu()
+        if tally.confusion is not None:
+            idx = targets * num_labels + pred
+            tally.confusion += torch.bincount(idx, minlength=num_labels * num_labels).view(num_labels, num_labels)
+        else:
+            # With the trained-positions head the logits are already the trained positions only.
+            trained = targets[targets != IGNORE] if head is not None else targets
+            tally.correct += int((pred == trained).sum())
+    tally.loss = float(loss_sum)
+    if tally.confusion is not None:
+        tally.correct = int(tally.confusion.diag().sum())
+    return tally

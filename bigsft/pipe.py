@@ -422,14 +422,21 @@ def write_index(out_dir: Path) -> None:
                                                                      indent=2))
 
 
-def evaluate_pipeline(engine, loss, batches: list[Batch], dummy: Batch, bm) -> dict[str, float]:
-    """Token-weighted eval loss through the pipeline; replicas run as many windows as the longest."""
-    windows = -(-len(batches) // bm.gradient_accumulation_steps)
-    most = dist.all_reduce_max(windows)
-    padded = batches + [dummy] * ((most - windows) * bm.gradient_accumulation_steps)
-    local_sum = eval_sum(engine, loss, padded, dummy)
-    count = sum(b.num_targets for b in batches)
-    # Every stage holds its replica's sum: the world sum counts each replica once per stage.
-    total, tokens = dist.all_reduce_sum([local_sum / bm.pipeline_stages, count / bm.pipeline_stages])
-    value = total / max(tokens, 1.0)
-    return {"eval/loss": value, "eval/perplexity": math.exp(min(value, 50.0)), "eval/tokens": round(tokens)}
+def evaluate_pipeline(engine, loss, sets: list[tuple[str, list[Batch]]], dummy: Batch, bm) -> dict[str, float]:
+    """Token-weighted eval loss of each set and of all, through the pipeline; replicas run as many windows
+    of a set as the longest."""
+    from bigsft.evaluate import Tally, set_metrics
+
+    tallies = []
+    for _, batches in sets:
+        windows = -(-len(batches) // bm.gradient_accumulation_steps)
+        most = dist.all_reduce_max(windows)
+        padded = batches + [dummy] * ((most - windows) * bm.gradient_accumulation_steps)
+        local_sum = eval_sum(engine, loss, padded, dummy)
+        count = sum(b.num_targets for b in batches)
+        # Every stage holds its replica's sum: the world sum counts each replica once per stage.
+        total, tokens = dist.all_reduce_sum([local_sum / bm.pipeline_stages, count / bm.pipeline_stages])
+        tallies.append(Tally(total, round(tokens)))
+    metrics = set_metrics([name for name, _ in sets], tallies)
+    # The pipeline's last stage computes the loss, not the predictions: no token accuracy.
+    return {k: v for k, v in metrics.items() if not k.endswith("token_accuracy")}

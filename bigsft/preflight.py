@@ -67,6 +67,7 @@ def _hidden_size(hf_config) -> int | None:
 
 
 def _selection_problems(cfg: RunConfig) -> list[str]:
+    from bigsft.data import eval_set_names
     from bigsft.evaluate import metric_names
 
     metric = cfg.train.selection_metric
@@ -76,7 +77,7 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
     if not cfg.data.has_eval:
         return [f"{key}: picking the best checkpoint and stopping early follow an eval metric; set data.eval "
                 "or data.validation"]
-    names = metric_names(cfg.model.task)
+    names = metric_names(cfg.model.task, eval_set_names(cfg.data), pipeline=cfg.pipeline.stages > 1)
     per_class = cfg.model.task == "sequence_classification" and metric.startswith("eval/f1/")
     if metric not in names and not per_class:
         return [f"train.best_metric: {metric!r} is not a metric this run logs; task {cfg.model.task} logs "

@@ -126,11 +126,11 @@ class ZeroSteps:
 
         return summed_loss(self.engine, micro.to(self.device), causal=self.causal, head=self.head)
 
-    def evaluate(self, batches: Iterable[Batch], stop_requested: Callable[[], bool],
+    def evaluate(self, sets: list[tuple[str, Iterable[Batch]]], stop_requested: Callable[[], bool],
                  report: dict | None = None) -> dict[str, float]:
         from bigsft.evaluate import evaluate
 
-        return evaluate(self.engine, batches, causal=self.causal, num_labels=self.num_labels, device=self.device,
+        return evaluate(self.engine, sets, causal=self.causal, num_labels=self.num_labels, device=self.device,
                         dummy=self.dummy, head=self.head, stop_requested=stop_requested,
                         label_names=self.label_names, report=report)
 
@@ -180,13 +180,13 @@ class PipelineSteps:
         applied = self.engine.was_step_applied()
         return StepResult(loss * counts.targets / bm.world_size, _norm(self.engine), applied, applied)
 
-    def evaluate(self, batches: Iterable[Batch], stop_requested: Callable[[], bool],
+    def evaluate(self, sets: list[tuple[str, Iterable[Batch]]], stop_requested: Callable[[], bool],
                  report: dict | None = None) -> dict[str, float]:
         """The pipeline's eval runs whole windows in lockstep over stages: a stop signal waits for its end.
         Causal LMs only: no class report."""
         from bigsft import pipe
 
-        return pipe.evaluate_pipeline(self.engine, self.loss, list(batches), self.dummy, self.batch)
+        return pipe.evaluate_pipeline(self.engine, self.loss, [(n, list(b)) for n, b in sets], self.dummy, self.batch)
 
     def export(self, out_dir: Path, tokenizer) -> None:
         from bigsft.export import export_pipeline_engine

@@ -39,7 +39,7 @@ from bigsft.checkpoint import (
     restore_rank_state,
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
-from bigsft.data import RunData, eval_batches, setup_data, train_stream, windows_in_first_epoch
+from bigsft.data import RunData, eval_sets, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.scan import SplitStats, too_many_bad
 from bigsft.data.stream import source_names
 from bigsft.ds_config import offload_device
@@ -407,11 +407,11 @@ class Trainer:
         from bigsft.evaluate import EvalInterrupted
 
         self.engine.eval()
-        batches = eval_batches(self.cfg.data, self.prepared.data, SplitStats(), batch=self.batch, dp_rank=self.dp_rank,
-                               pad_id=self.prepared.tokenizer.pad_token_id)
+        sets = eval_sets(self.cfg.data, self.prepared.data, SplitStats(), batch=self.batch, dp_rank=self.dp_rank,
+                         pad_id=self.prepared.tokenizer.pad_token_id)
         report: dict = {}
         try:
-            metrics = self.steps.evaluate(batches, stop_requested=lambda: stop.requested, report=report)
+            metrics = self.steps.evaluate(sets, stop_requested=lambda: stop.requested, report=report)
         except EvalInterrupted:
             tracking.info(f"[yellow]eval at step {step} cut short by a stop signal[/]", enabled=self.is_main)
             return None

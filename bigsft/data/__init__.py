@@ -2,7 +2,7 @@
 
 `setup_data` runs before any process group exists: it fixes the label names, builds the tokenizing
 function and scans the first records of every source, so systematically bad data stops the run with
-exit code 2 before anything starts. `train_stream` and `eval_batches` then build each rank's
+exit code 2 before anything starts. `train_stream` and `eval_sets` then build each rank's
 streams once ranks are known.
 """
 
@@ -17,7 +17,7 @@ from bigsft.data.batching import Batch, Packer
 from bigsft.data.formats import CONVERSATION_FORMATS
 from bigsft.data.scan import SplitStats, label_names, scan
 from bigsft.data.sources import Holdout, count_records, holdout_threshold
-from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_streams
+from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_names, source_streams
 from bigsft.data.tokenize import SampleBuilder, keep_chat_template
 
 
@@ -95,16 +95,46 @@ def windows_in_first_epoch(stream: TrainStream) -> int:
         windows += 1
 
 
+VALIDATION = "validation"
+"""The name of the eval set data.validation holds out of the training sources."""
+
+
+def eval_set_names(data: DataConfig) -> list[str]:
+    """Each eval source's name (its `name`, else its file's), then `validation` for data.validation's records.
+    A name that is a metric's (`loss`, `f1`, ...) or already taken gets a suffix."""
+    from bigsft.evaluate import RESERVED_SET_NAMES
+
+    names: list[str] = []
+    for name in source_names(data.eval) + ([VALIDATION] if data.validation is not None else []):
+        base = name if name not in RESERVED_SET_NAMES else f"{name}_set"
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.append(name)
+    return names
+
+
+def eval_sets(data: DataConfig, run_data: RunData, stats: SplitStats, *, batch: BatchMath, dp_rank: int,
+              pad_id: int) -> list[tuple[str, Iterator[Batch]]]:
+    """(name, this rank's batches) of each eval set: every eval source, then the training sources'
+    held-out records (data.validation) as one set. One pass each, in order; every sample on exactly one
+    rank."""
+    def once(streams):
+        return batches_once(streams, micro_batch_size=batch.eval_micro, pad_id=pad_id,
+                            pad_to_multiple_of=data.pad_to_multiple_of,
+                            packer=Packer(data.max_length) if data.packing else None)
+
+    share = {"dp_rank": dp_rank, "dp_size": batch.data_parallel_size, "train": False, "buffer_size": 128, "seed": 0}
+    sets = [[stream] for stream in source_streams(data.eval, "eval", run_data.build, stats, **share)]
+    if data.validation is not None:
+        sets.append(source_streams(data.train, "train", run_data.build, stats, holdouts=run_data.holdouts("validation"),
+                                   **share))
+    return [(name, once(streams)) for name, streams in zip(eval_set_names(data), sets, strict=True)]
+
+
 def eval_batches(data: DataConfig, run_data: RunData, stats: SplitStats, *, batch: BatchMath, dp_rank: int,
                  pad_id: int) -> Iterator[Batch]:
-    """This rank's share of the eval sources, then of the training sources' held-out records (data.validation),
-    once, in order (every sample on exactly one rank)."""
-    streams = source_streams(data.eval, "eval", run_data.build, stats, seed=0, dp_rank=dp_rank,
-                             dp_size=batch.data_parallel_size, train=False, buffer_size=128)
-    if data.validation is not None:
-        streams += source_streams(data.train, "train", run_data.build, stats, seed=0, dp_rank=dp_rank,
-                                  dp_size=batch.data_parallel_size, train=False, buffer_size=128,
-                                  holdouts=run_data.holdouts("validation"))
-    return batches_once(streams, micro_batch_size=batch.eval_micro, pad_id=pad_id,
-                         pad_to_multiple_of=data.pad_to_multiple_of,
-                         packer=Packer(data.max_length) if data.packing else None)
+    """This rank's batches of every eval set, one set after the other."""
+    for _, batches in eval_sets(data, run_data, stats, batch=batch, dp_rank=dp_rank, pad_id=pad_id):
+        yield from batches

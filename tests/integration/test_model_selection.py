@@ -18,7 +18,7 @@ def _f1_of_export(final, sst2: str) -> float:
 
     from bigsft.batch_math import BatchMath
     from bigsft.config import DataConfig, DataSource, ModelConfig
-    from bigsft.data import eval_batches, setup_data
+    from bigsft.data import eval_sets, setup_data
     from bigsft.data.scan import SplitStats
     from bigsft.data.stream import dummy_batch
     from bigsft.evaluate import evaluate
@@ -28,9 +28,9 @@ def _f1_of_export(final, sst2: str) -> float:
     source = DataSource(path=sst2, format="classification", columns={"text": "content"})
     data = DataConfig(train=[source], validation=160, max_length=64)
     run_data = setup_data(data, ModelConfig(name_or_path=str(final), task="sequence_classification", num_labels=2), tok)
-    batches = eval_batches(data, run_data, SplitStats(), dp_rank=0, pad_id=tok.pad_token_id,
-                           batch=BatchMath(micro_batch_size=16, gradient_accumulation_steps=1, data_parallel_size=1))
-    return evaluate(model, batches, causal=False, num_labels=2, device="cpu",
+    sets = eval_sets(data, run_data, SplitStats(), dp_rank=0, pad_id=tok.pad_token_id,
+                     batch=BatchMath(micro_batch_size=16, gradient_accumulation_steps=1, data_parallel_size=1))
+    return evaluate(model, sets, causal=False, num_labels=2, device="cpu",
                     dummy=dummy_batch(causal=False, pad_id=tok.pad_token_id))["eval/f1"]
 
 

@@ -138,7 +138,7 @@ def reload_eval_loss(config: Path, final: Path, overrides: tuple[str, ...] = ())
 
     from bigsft.batch_math import BatchMath
     from bigsft.config import load_config
-    from bigsft.data import eval_batches, setup_data
+    from bigsft.data import eval_sets, setup_data
     from bigsft.data.scan import SplitStats
     from bigsft.data.stream import dummy_batch
     from bigsft.evaluate import evaluate
@@ -148,8 +148,8 @@ def reload_eval_loss(config: Path, final: Path, overrides: tuple[str, ...] = ())
     cfg = load_config(str(config), overrides)
     plan = setup_data(cfg.data, cfg.model, tok)
     one_rank = BatchMath(micro_batch_size=5, gradient_accumulation_steps=1, data_parallel_size=1)
-    batches = eval_batches(cfg.data, plan, SplitStats(), batch=one_rank, dp_rank=0, pad_id=tok.pad_token_id)
-    return evaluate(model, batches, causal=True, num_labels=None, device="cpu",
+    sets = eval_sets(cfg.data, plan, SplitStats(), batch=one_rank, dp_rank=0, pad_id=tok.pad_token_id)
+    return evaluate(model, sets, causal=True, num_labels=None, device="cpu",
                     dummy=dummy_batch(causal=True, pad_id=tok.pad_token_id))["eval/loss"]
 
 

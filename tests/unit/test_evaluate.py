@@ -60,10 +60,10 @@ def test_evaluate_single_process_classification():
     def model(input_ids, attention_mask=None):
         return type("Out", (), {"logits": torch.nn.functional.one_hot(input_ids[:, 0], 2).float()})()
 
-    m = evaluate(model, [batch], causal=False, num_labels=2, device="cpu", dummy=batch)
+    m = evaluate(model, [("dev", [batch])], causal=False, num_labels=2, device="cpu", dummy=batch)
     assert m["eval/accuracy"] == pytest.approx(2 / 3) and m["eval/examples"] == 3
     report = {}
-    m = evaluate(model, [batch], causal=False, num_labels=2, device="cpu", dummy=batch, label_names=["neg", "pos"],
+    m = evaluate(model, [("dev", [batch])], causal=False, num_labels=2, device="cpu", dummy=batch, label_names=["neg", "pos"],
                  report=report)
     # predicted [0, 1, 1] for true [0, 1, 0]: neg precision 1, recall 1/2; pos precision 1/2, recall 1
     assert m["eval/f1/neg"] == pytest.approx(2 / 3) and m["eval/f1/pos"] == pytest.approx(2 / 3)
@@ -71,6 +71,38 @@ def test_evaluate_single_process_classification():
     assert report["classes"]["neg"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
     assert report["classes"]["pos"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
     assert m["eval/f1"] == pytest.approx((m["eval/f1/neg"] + m["eval/f1/pos"]) / 2)
+    assert {k[len("eval/dev/"):]: v for k, v in m.items() if k.startswith("eval/dev/")} == {
+        k[len("eval/"):]: v for k, v in m.items() if k.count("/") == 1}
+
+
+def test_each_eval_set_has_its_own_metrics_and_the_aggregate_counts_every_example_once():
+    def model(input_ids, attention_mask=None):
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(input_ids[:, 0], 2).float()})()
+
+    def batch(ids, labels):
+        return Batch({"input_ids": torch.tensor(ids).view(-1, 1), "attention_mask": torch.ones(len(ids), 1, dtype=torch.long)},
+                     torch.tensor(labels), len(ids), len(ids))
+
+    a = [batch([0, 1], [0, 1]), batch([1], [0])]  # 2 of 3 right
+    b = [batch([0, 0, 1, 1], [1, 1, 1, 1])]  # 2 of 4 right
+    kw = {"causal": False, "num_labels": 2, "device": "cpu", "dummy": a[0]}
+    both = evaluate(model, [("a", a), ("b", b)], **kw)
+    alone_a, alone_b = evaluate(model, [("a", a)], **kw), evaluate(model, [("b", b)], **kw)
+    assert {k: v for k, v in both.items() if k.startswith("eval/a/")} == {k: v for k, v in alone_a.items() if k.startswith("eval/a/")}
+    assert both["eval/b/accuracy"] == alone_b["eval/accuracy"] == 0.5
+    assert both["eval/a/accuracy"] == pytest.approx(2 / 3) and both["eval/accuracy"] == pytest.approx(4 / 7)
+    assert both["eval/examples"] == 7 and both["eval/b/examples"] == 4
+    n_a, n_b = alone_a["eval/examples"], alone_b["eval/examples"]
+    assert both["eval/loss"] == pytest.approx((alone_a["eval/loss"] * n_a + alone_b["eval/loss"] * n_b) / (n_a + n_b))
+
+
+def test_causal_token_accuracy_counts_trained_tokens_only():
+    # Echo predicts token t at position t: right where the target repeats the input, whatever the padding.
+    batch = Batch({"input_ids": torch.tensor([[1, 2, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])},
+                  torch.tensor([[1, 3, 3, -100]]), 3, 3)
+    m = evaluate(Echo(4), [("x", [batch])], causal=True, num_labels=None, device="cpu", dummy=batch)
+    assert m["eval/token_accuracy"] == pytest.approx(2 / 3) and m["eval/x/token_accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/tokens"] == 3
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

@@ -156,7 +156,7 @@ def trainer_for(tmp_path, monkeypatch, *, steps=6, targets=None, results=None, o
     trainer.stats, trainer.tracker, trainer.checkpointer = SplitStats(), Tracker(), Checkpointer()
     trainer.meter = Meter(parameters=100, layers=1, hidden=4, world_size=1, causal=True, peak_tflops=None)
     trainer.min_loss_scale, trainer.dp_rank = 1.0, 0
-    monkeypatch.setattr("bigsft.train.eval_batches", lambda *a, **k: [batch(4)])
+    monkeypatch.setattr("bigsft.train.eval_sets", lambda *a, **k: [("dev", [batch(4)])])
     monkeypatch.setattr("bigsft.export.export_engine", lambda *a, **k: None)
     trainer.steps.export = lambda *a: None
     return trainer
