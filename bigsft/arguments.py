@@ -104,6 +104,14 @@ def subcommand_parsers() -> dict[str, ArgumentParser]:
     _config_and_overrides(p)
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
 
+    p = parsers["report"] = commands.add_parser(
+        "report", help="a run's curves in one self-contained HTML page (no W&B needed)",
+        description="Draw a run directory's metrics.jsonl (training and eval curves, the best checkpoint) and "
+                    "its latest eval report into one self-contained HTML page with embedded plots, readable "
+                    "offline; print its path.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (holds metrics.jsonl)")
+    p.add_argument("--out", metavar="PATH", help="where to write the page (default RUN_DIR/report.html)")
+
     data = commands.add_parser("data", help="data tools: inspect", description="Data tools.")
     data_commands = data.add_subparsers(metavar="COMMAND", parser_class=ArgumentParser)
     parsers["data"] = data

@@ -1,4 +1,4 @@
-"""`bigsft` command line: train, validate, evaluate, plan, export, data inspect."""
+"""`bigsft` command line: train, validate, evaluate, plan, export, report, data inspect."""
 
 from __future__ import annotations
 
@@ -96,8 +96,15 @@ def _host_memory_gib() -> float:
     return psutil.virtual_memory().total / 2**30
 
 
+def report_command(args: argparse.Namespace) -> int:
+    from bigsft.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
 COMMANDS = {"validate": validate_command, "data inspect": inspect_command, "export": export_command,
-            "plan": plan_command, "evaluate": evaluate_command}
+            "plan": plan_command, "evaluate": evaluate_command, "report": report_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,8 @@ def test_unknown_command_and_help():
     assert proc.returncode == 0 and "deepspeed --num_gpus N --module bigsft.train" in proc.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["validate"], ["plan"], ["export"], ["data"], ["data", "inspect"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["validate"], ["plan"], ["export"], ["report"], ["data"],
+                                     ["data", "inspect"]])
 def test_every_command_answers_help_with_exit_0(command):
     proc = bigsft(*command, "--help")
     assert proc.returncode == 0, proc.stderr
