@@ -503,10 +503,22 @@ class Trainer:
                  "trained tokens": f"{state.trained_tokens:,}"}
         if state.step < state.total_steps:
             extra["stopped early"] = self.early_stop_reason()
+        if self.is_main:
+            extra["report"] = self.write_report()
         self.tracker.summary("evaluation", self.results, extra)
         if self.class_report and self.is_main:
             tracking.print_class_report(self.class_report)
         return self.results.get("after training", {})
+
+    def write_report(self) -> str:
+        """output_dir/report.html, the run's curves without W&B (`bigsft report`); a plot that fails costs
+        the page, never the run."""
+        from bigsft.report import write_report
+
+        try:
+            return str(write_report(self.out_dir))
+        except Exception as e:  # the model is saved and exported by now
+            return f"not written ({type(e).__name__}: {e}); `bigsft report {self.out_dir}` draws it"
 
     def export_final(self) -> str:
         """final/: the last step's model from the engine, or (train.final=best) the best checkpoint's,
