@@ -251,6 +251,28 @@ class WandbConfig:
     """Run tags."""
 
 
+GenerateMetric = Literal["exact_match", "rouge_l", "bleu"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    """Generation eval (causal LMs): at each eval the model answers the first `samples` prompts of the eval
+    sets greedily; the answers go to output_dir/samples/step_N.jsonl and are scored against the references."""
+
+    samples: int = 16
+    """Prompts, taken in order from the eval sets: a conversation up to its last assistant turn, or a
+    completion's prompt."""
+    max_new_tokens: int = 128
+    metrics: list[GenerateMetric] = field(default_factory=lambda: ["exact_match", "rouge_l", "bleu"])
+    """Logged as eval/generate/<metric>: exact_match and rouge_l (F1) in [0, 1], bleu (sacreBLEU) in [0, 100]."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    generate: GenerateConfig | None = None
+    """Unset: no generation eval."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     output_dir: str = ""
@@ -263,6 +285,7 @@ class RunConfig:
     dict. Fields that duplicate the run config should be "auto"."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -591,8 +614,25 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.pipeline.activation_checkpoint_interval < 0:
         errors.append(f"pipeline.activation_checkpoint_interval: {cfg.pipeline.activation_checkpoint_interval}; "
                       "must be >= 0")
+    errors += _generate_problems(cfg)
     if not cfg.output_dir:
         errors.append("output_dir: required")
+    return errors
+
+
+def _generate_problems(cfg: RunConfig) -> list[str]:
+    g = cfg.eval.generate
+    if g is None:
+        return []
+    errors = [f"eval.generate.{name}: {getattr(g, name)}; must be >= 1" for name in ("samples", "max_new_tokens")
+              if getattr(g, name) < 1]
+    if cfg.model.task != "causal_lm":
+        errors.append(f"eval.generate: generation eval is for causal_lm; model.task is {cfg.model.task}")
+    if cfg.pipeline.stages > 1:
+        errors.append("eval.generate: a pipeline-parallel run cannot generate (each rank holds some layers); "
+                      "generate from final/ with `bigsft evaluate MODEL CONFIG pipeline.stages=1` instead")
+    if not cfg.data.has_eval:
+        errors.append("eval.generate: the prompts come from the eval sets; set data.eval or data.validation")
     return errors
 
 

@@ -189,7 +189,8 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _initialized_world() -> int:
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -209,7 +210,7 @@ def all_reduce_sum(values: list[float] | list[int]) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    if _initialized_world() == 1:
+    if world_size() == 1:
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
@@ -220,7 +221,7 @@ def all_reduce_max(value: int) -> int:
     import torch
     import torch.distributed as dist
 
-    if _initialized_world() == 1:
+    if world_size() == 1:
         return int(value)
     t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -231,7 +232,7 @@ def all_gather_object(value) -> list:
     """Every rank's `value` (small and picklable: a message, a file listing), in rank order."""
     import torch.distributed as dist
 
-    if _initialized_world() == 1:
+    if world_size() == 1:
         return [value]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
@@ -242,7 +243,7 @@ def all_reduce_tensor(t):
     """Sum a tensor over all ranks in place (moved to the backend's device and back)."""
     import torch.distributed as dist
 
-    if _initialized_world() == 1:
+    if world_size() == 1:
         return t
     dev = _comm_device()
     moved = t.to(dev)

@@ -78,6 +78,7 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
         return [f"{key}: picking the best checkpoint and stopping early follow an eval metric; set data.eval "
                 "or data.validation"]
     names = metric_names(cfg.model.task, eval_set_names(cfg.data), pipeline=cfg.pipeline.stages > 1)
+    names += [f"eval/generate/{m}" for m in cfg.eval.generate.metrics] if cfg.eval.generate else []
     per_class = cfg.model.task == "sequence_classification" and metric.startswith("eval/f1/")
     if metric not in names and not per_class:
         return [f"train.best_metric: {metric!r} is not a metric this run logs; task {cfg.model.task} logs "

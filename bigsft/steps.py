@@ -134,6 +134,13 @@ class ZeroSteps:
                         dummy=self.dummy, head=self.head, stop_requested=stop_requested,
                         label_names=self.label_names, report=report)
 
+    def generate(self, prompts: list, cfg, tokenizer) -> tuple[dict[str, float], list[dict]]:
+        """eval.generate's scores and samples; under ZeRO-3 on several ranks, every rank steps in lockstep."""
+        from bigsft.generation import generation_eval
+
+        return generation_eval(self.engine.module, prompts, cfg, tokenizer=tokenizer, device=self.device,
+                               synced=self.zero_stage == 3 and dist.world_size() > 1)
+
     def export(self, out_dir: Path, tokenizer) -> None:
         from bigsft.export import export_engine
 

@@ -203,6 +203,22 @@ class Tracker:
             self._wandb.log({"eval/classes": wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
                                                          data=rows)}, step=step)
 
+    def samples(self, rows: list[dict], step: int, path: Path) -> None:
+        """Generation eval's answers: to `path` (output_dir/samples/step_N.jsonl, one JSON row per prompt) and
+        to W&B as a table."""
+        if not self.enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        tmp.replace(path)
+        if self._wandb is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            self._wandb.log({"eval/samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                            step=step)
+
     def _show(self, record: dict[str, Any]) -> None:
         step = record["step"]
         of = f"/{self.total_steps}" if self.total_steps else ""

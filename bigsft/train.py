@@ -120,6 +120,8 @@ class Prepared:
     ds: dict
     """The DeepSpeed dict, resolved once against the run config and the run length: what the engine gets and
     what `ds_config.json` shows."""
+    prompts: list = field(default_factory=list)
+    """eval.generate's prompts (GenerationPrompt), read before launch."""
 
 
 def prepare(cfg: RunConfig, launch) -> Prepared:
@@ -134,7 +136,13 @@ def prepare(cfg: RunConfig, launch) -> Prepared:
                           "pipeline parallelism give the tokenizer a pad, eos or unk token")
     data = setup_data(cfg.data, cfg.model, tokenizer)
     total_steps = total_optimizer_steps(pre, data, tokenizer)
-    return Prepared(pre=pre, tokenizer=tokenizer, data=data, total_steps=total_steps, ds=pre.resolved_ds(total_steps))
+    prompts = []
+    if cfg.eval.generate is not None:
+        from bigsft.generation import generation_prompts
+
+        prompts = generation_prompts(cfg.data, data, cfg.eval.generate.samples)
+    return Prepared(pre=pre, tokenizer=tokenizer, data=data, total_steps=total_steps, ds=pre.resolved_ds(total_steps),
+                    prompts=prompts)
 
 
 def total_optimizer_steps(pre: Preflight, data: RunData, tokenizer) -> int:
@@ -412,6 +420,10 @@ class Trainer:
         report: dict = {}
         try:
             metrics = self.steps.evaluate(sets, stop_requested=lambda: stop.requested, report=report)
+            if self.prepared.prompts:
+                scores, rows = self.steps.generate(self.prepared.prompts, self.cfg.eval.generate, self.prepared.tokenizer)
+                metrics.update(scores)
+                self.tracker.samples(rows, step, self.out_dir / "samples" / f"step_{step}.jsonl")
         except EvalInterrupted:
             tracking.info(f"[yellow]eval at step {step} cut short by a stop signal[/]", enabled=self.is_main)
             return None

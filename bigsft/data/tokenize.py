@@ -12,6 +12,7 @@ assistant turn, so any template that renders earlier turns the same way once lat
 
 from __future__ import annotations
 
+import json
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -168,11 +169,40 @@ class SampleBuilder:
         return self.tok.apply_chat_template(conv.messages[:upto], tools=conv.tools, chat_template=self.chat_template,
                                             tokenize=False, add_generation_prompt=generation_prompt)
 
+    def _with_system_prompt(self, ex: Conversation) -> Conversation:
+        if self.system_prompt and ex.messages[0]["role"] != "system":
+            return Conversation([{"role": "system", "content": self.system_prompt}, *ex.messages], ex.tools,
+                                (None, *ex.loss_weights) if ex.loss_weights else ())
+        return ex
+
+    def generation_prompt(self, example: Example) -> tuple[list[int], str]:
+        """(prompt ids, reference answer) for generation eval: a conversation up to its last assistant turn
+        (rendered with the generation prompt, as training renders it), or a completion's prompt. The
+        prompt keeps its last data.max_length tokens. BadRecordError for examples without an answer."""
+        if isinstance(example, Completion):
+            ids, reference = self._encode(example.prompt, special=True), example.completion
+        elif isinstance(example, Conversation):
+            ex = self._with_system_prompt(example)
+            last = max((i for i, m in enumerate(ex.messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                raise BadRecordError("no assistant turn to answer")
+            message = ex.messages[last]
+            reference = message.get("content") or ""
+            if message.get("tool_calls"):
+                reference += "".join(json.dumps(call.get("function", call), ensure_ascii=False)
+                                     for call in message["tool_calls"])
+            try:
+                text = self._render(ex, last, generation_prompt=True)
+            except Exception as e:  # a template that rejects this conversation
+                raise BadRecordError(f"chat template failed: {str(e).splitlines()[0][:120]}") from None
+            ids = self._encode(text)
+        else:
+            raise BadRecordError(f"{type(example).__name__} records have no prompt to answer")
+        return ids[-self.max_length:], reference
+
     def _render_spans(self, ex: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans that carry the loss."""
-        if self.system_prompt and ex.messages[0]["role"] != "system":
-            ex = Conversation([{"role": "system", "content": self.system_prompt}, *ex.messages], ex.tools,
-                              (None, *ex.loss_weights) if ex.loss_weights else ())
+        ex = self._with_system_prompt(ex)
         try:
             text = self._render(ex, len(ex.messages), generation_prompt=False)
             if self.train_on == "all":

@@ -61,3 +61,60 @@ def test_classification_metrics_on_two_ranks_equal_one_rank(tmp_path, tokenizer_
     with torch.no_grad():
         predicted = {int(model(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts}
     assert len(predicted) >= 2
+
+
+def test_generation_and_per_set_metrics_on_two_zero3_ranks_equal_one_rank(tmp_path, llama_dir, pool):
+    """A causal LM with two eval sets (15 records, and 5 held out of training) and a generation eval of 5
+    prompts: ZeRO-3 on 2 ranks (rank 1 answers a stand-in prompt in the last round, in lockstep) writes the
+    same samples and per-set counts as 1 rank, and each set's metrics are those of the set alone."""
+    records = tiny.alpaca_records(55, seed=4)
+    train, evaluation = tiny.write_jsonl(tmp_path / "train.jsonl", records[:40]), tiny.write_jsonl(
+        tmp_path / "dev.jsonl", records[40:])
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "unused"),
+        "model": {"name_or_path": str(llama_dir), "task": "causal_lm"},
+        "data": {"train": [{"path": str(train), "format": "alpaca"}], "eval": [{"path": str(evaluation), "format": "alpaca"}],
+                 "validation": 5, "max_length": 128},
+        "train": {"seed": 0, "micro_batch_size": 4, "eval_micro_batch_size": 4, "max_steps": 1, "lr": 1e-3,
+                  "eval_at_start": True},
+        "eval": {"generate": {"samples": 5, "max_new_tokens": 6}}}))
+    pool.add("gen_two", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'two'}"], nproc=2)
+    pool.add("gen_one", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'one'}",
+                         "train.gradient_accumulation_steps=2"], launcher="plain")
+    check(pool.result("gen_two"))
+    check(pool.result("gen_one"))
+
+    def evals(run: Path) -> list[dict]:
+        return [r for r in read_metrics(run) if "eval/loss" in r]
+
+    two, one = evals(tmp_path / "two"), evals(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1]
+    for a, b in zip(two, one):
+        assert (a["eval/dev/tokens"], a["eval/validation/tokens"]) == (b["eval/dev/tokens"], b["eval/validation/tokens"])
+        assert a["eval/tokens"] == a["eval/dev/tokens"] + a["eval/validation/tokens"]
+        for key in ("eval/loss", "eval/dev/loss", "eval/validation/loss", "eval/token_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert {"eval/generate/exact_match", "eval/generate/rouge_l", "eval/generate/bleu"} <= set(a)
+
+    def samples(run: Path, step: int) -> list[dict]:
+        return [json.loads(line) for line in (run / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+
+    # The same weights at step 0 on both: greedy answers equal, in prompt order, the last one from rank 0.
+    assert samples(tmp_path / "two", 0) == samples(tmp_path / "one", 0)
+    rows = samples(tmp_path / "two", 1)
+    assert [r["reference"] for r in rows] == [r["output"] for r in records[40:45]]
+    assert all(r["prompt"].endswith("assistant\n") and r["set"] == "dev" for r in rows)
+
+    # Each set's metrics in the run are those of that set evaluated alone (the exported model, in this process).
+    from test_training import reload_eval_metrics
+
+    final = tmp_path / "two" / "final"
+    alone_dev = reload_eval_metrics(cfg, final, ("data.validation=null",))
+    alone_validation = reload_eval_metrics(cfg, final, ("data.eval=[]",))
+    last = two[-1]
+    assert alone_dev["eval/tokens"] == last["eval/dev/tokens"]
+    assert alone_validation["eval/tokens"] == last["eval/validation/tokens"]
+    assert alone_dev["eval/loss"] == pytest.approx(last["eval/dev/loss"], abs=1e-5)
+    assert alone_validation["eval/loss"] == pytest.approx(last["eval/validation/loss"], abs=1e-5)
+    assert alone_dev["eval/token_accuracy"] == pytest.approx(last["eval/dev/token_accuracy"], abs=1e-9)

@@ -134,6 +134,11 @@ def eval_records(run: Path) -> list[dict]:
 
 def reload_eval_loss(config: Path, final: Path, overrides: tuple[str, ...] = ()) -> float:
     """Eval loss of the exported model, in this process, without DeepSpeed."""
+    return reload_eval_metrics(config, final, overrides)["eval/loss"]
+
+
+def reload_eval_metrics(config: Path, final: Path, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """Eval metrics of the exported model, in this process, without DeepSpeed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bigsft.batch_math import BatchMath
@@ -150,7 +155,7 @@ def reload_eval_loss(config: Path, final: Path, overrides: tuple[str, ...] = ())
     one_rank = BatchMath(micro_batch_size=5, gradient_accumulation_steps=1, data_parallel_size=1)
     sets = eval_sets(cfg.data, plan, SplitStats(), batch=one_rank, dp_rank=0, pad_id=tok.pad_token_id)
     return evaluate(model, sets, causal=True, num_labels=None, device="cpu",
-                    dummy=dummy_batch(causal=True, pad_id=tok.pad_token_id))["eval/loss"]
+                    dummy=dummy_batch(causal=True, pad_id=tok.pad_token_id))
 
 
 def test_run_directory_contract(zero0_run, parity_config):
