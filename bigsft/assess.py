@@ -2,7 +2,8 @@
 
 MODEL is a `final/` directory, any exported HF model directory, a checkpoint (step_NNNNNNNN, exported
 first), or a pretrained model (then a new classification head: the before-training baseline). The
-config's `data.eval` says what to evaluate on, with the metrics training logs, counted exactly once
+config's `data.eval` says what to evaluate on, with the metrics training logs (and with `eval.generate`,
+the generation eval, its answers in `output_dir/samples/evaluate.jsonl`), counted exactly once
 across ranks on one or many (`torchrun -m bigsft evaluate ...`). The report goes to
 `output_dir/eval_report.json`, keyed as `metrics.jsonl`'s eval keys.
 """
@@ -97,12 +98,23 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
                            dummy=dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id),
                            head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
                            report=report)
+        rows = None
+        if cfg.eval.generate is not None:
+            from bigsft.generation import generation_eval, generation_prompts
+
+            # Each rank holds the whole model: no lockstep needed.
+            scores, rows = generation_eval(net, generation_prompts(cfg.data, run_data, cfg.eval.generate.samples),
+                                           cfg.eval.generate, tokenizer=tokenizer, device=device, synced=False)
+            metrics.update(scores)
     finally:
         dist.destroy_process_group()
     if launch.is_main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         tracking.write_json_atomically(out / tracking.EVAL_REPORT, {**metrics, **report})
+        if rows is not None:
+            tracking.write_jsonl_atomically(out / "samples" / "evaluate.jsonl", rows)
+            tracking.info(f"samples: {out / 'samples' / 'evaluate.jsonl'}")
         tracking.print_metrics(f"evaluation of {model}", {"eval": metrics})
         if report:
             tracking.print_class_report(report)

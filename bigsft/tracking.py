@@ -208,10 +208,7 @@ class Tracker:
         to W&B as a table."""
         if not self.enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        tmp.replace(path)
+        write_jsonl_atomically(path, rows)
         if self._wandb is not None and rows:
             import wandb
 
@@ -269,6 +266,13 @@ EVAL_REPORT = "eval_report.json"
 def write_json_atomically(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     tmp.replace(path)
 
 

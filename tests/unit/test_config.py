@@ -124,6 +124,12 @@ BAD_CONFIGS = [
     (["train.global_batch_size=0"], "train.global_batch_size: 0; must be >= 1"),
     (["data.train.0.path=null"], "data.train[0].path: required"),
     (["model.trust_remote_code=maybe"], "model.trust_remote_code: expected true or false, got 'maybe'"),
+    (["eval.generate.samples=4", "data.eval=[{path: e.jsonl, format: alpaca}]", "eval.generate.max_new_tokens=0"],
+     "eval.generate.max_new_tokens: 0; must be >= 1"),
+    (["eval.generate.samples=4"], "eval.generate: the prompts come from the eval sets; set data.eval or data.validation"),
+    (["eval.generate.metrics=[bleu,meteor]"], "eval.generate.metrics[1]: 'meteor' is not one of"),
+    (["eval.generate.samples=4", "data.validation=0.1", "pipeline.stages=2"],
+     "eval.generate: a pipeline-parallel run cannot generate"),
 ]
 
 
