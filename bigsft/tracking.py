@@ -116,10 +116,12 @@ def _wandb_has_credentials() -> bool:
 class Tracker:
     def __init__(self, output_dir: str | Path, *, enabled: bool, wandb_cfg: WandbConfig | None = None,
                  run_config: dict | None = None, total_steps: int | None = None, resume_step: int | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, console_hides: tuple[str, ...] = ()):
         """`resume_step`: continue a run from its checkpoint at that step (metrics.jsonl and the W&B run
-        `run_id` go on from there); None starts them afresh."""
+        `run_id` go on from there); None starts them afresh. `console_hides`: key prefixes logged but not
+        shown on the console (a single eval set's own keys, which repeat the aggregate)."""
         self.enabled = enabled
+        self.console_hides = console_hides
         self.total_steps = total_steps
         self._wandb = None
         self._file = None
@@ -220,7 +222,8 @@ class Tracker:
         step = record["step"]
         of = f"/{self.total_steps}" if self.total_steps else ""
         if any(k.startswith("eval/") for k in record):
-            items = "  ".join(f"{k[5:]} [bold]{_fmt(k, v)}[/]" for k, v in record.items() if k.startswith("eval/"))
+            items = "  ".join(f"{k[5:]} [bold]{_fmt(k, v)}[/]" for k, v in record.items()
+                              if k.startswith("eval/") and not k.startswith(self.console_hides))
             console.print(f"[cyan]eval[/] step {step}{of}  {items}")
             return
         keys = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu")
@@ -235,7 +238,7 @@ class Tracker:
         if not self.enabled:
             return
         self._stop_progress()
-        keys = print_metrics(title, rows)
+        keys = print_metrics(title, rows, hide=self.console_hides)
         if rows and self._wandb is not None:
             for k in keys:
                 self._wandb.summary[k] = rows[list(rows)[-1]][k]
@@ -276,9 +279,9 @@ def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def print_class_report(report: dict) -> None:
+def print_class_report(report: dict, step: int | None = None) -> None:
     """Precision, recall, F1 and support per class, and the confusion matrix (rows: true, columns: predicted)."""
-    table = Table(title="per class")
+    table = Table(title="per class" + (f" (eval at step {step})" if step is not None else ""))
     for column in ("class", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
     for name, r in report["classes"].items():
@@ -293,12 +296,13 @@ def print_class_report(report: dict) -> None:
     console.print(matrix)
 
 
-def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
-    """A console table of metric -> value per column (e.g. before / after training); returns its keys."""
+def print_metrics(title: str, rows: dict[str, dict[str, float]], hide: tuple[str, ...] = ()) -> list[str]:
+    """A console table of metric -> value per column (e.g. before / after training), without the keys that
+    start with a `hide` prefix; returns its keys."""
     if not rows:
         return []
     columns = list(rows)
-    keys = [k for k in rows[columns[-1]] if isinstance(rows[columns[-1]][k], float)]
+    keys = [k for k in rows[columns[-1]] if isinstance(rows[columns[-1]][k], float) and not k.startswith(hide)]
     table = Table(title=title)
     table.add_column("metric")
     for c in columns:

@@ -39,7 +39,7 @@ from bigsft.checkpoint import (
     restore_rank_state,
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
-from bigsft.data import RunData, eval_sets, setup_data, train_stream, windows_in_first_epoch
+from bigsft.data import RunData, eval_set_names, eval_sets, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.scan import SplitStats, too_many_bad
 from bigsft.data.stream import source_names
 from bigsft.ds_config import offload_device
@@ -220,6 +220,9 @@ class Trainer:
         self.tracker: tracking.Tracker | None = None
         self.grad_norm: float | None = None
         self.class_report: dict | None = None
+        self.best_metrics: dict[str, float] | None = None
+        """The best eval's metrics and class report, when this process ran it (not before a resume)."""
+        self.best_class_report: dict | None = None
 
     def __enter__(self) -> Trainer:
         return self
@@ -281,7 +284,7 @@ class Trainer:
         self.tracker = tracking.Tracker(self.out_dir, enabled=self.is_main, wandb_cfg=self.cfg.wandb,
                                         run_config=to_dict(self.cfg), total_steps=self.state.total_steps,
                                         resume_step=self.state.step if resume else None,
-                                        run_id=self.state.tracking_run_id)
+                                        run_id=self.state.tracking_run_id, console_hides=self.single_set_keys())
         self.state.tracking_run_id = self.tracker.run_id
         layers, hidden = model_dims(self.pre.hf_config)
         self.meter = Meter(parameters=self.steps.parameters[0], layers=layers, hidden=hidden,
@@ -290,6 +293,11 @@ class Trainer:
         self.report_start()
         if resume is not None and resume.rank_state(self.launch.rank) is not None:
             restore_rank_state(resume.rank_state(self.launch.rank))
+
+    def single_set_keys(self) -> tuple[str, ...]:
+        """With one eval set its own keys (eval/<set>/...) repeat the aggregate: logged, not shown."""
+        names = eval_set_names(self.cfg.data)
+        return (f"eval/{names[0]}/",) if len(names) == 1 else ()
 
     def report_start(self) -> None:
         cfg, pre, bm, d, ds = self.cfg, self.pre, self.batch, self.cfg.data, self.prepared.ds
@@ -432,7 +440,7 @@ class Trainer:
         self.tracker.log({"step": step, **metrics})
         if report:  # a classifier's: the latest in output_dir/eval_report.json
             self.tracker.class_report({**metrics, **report}, step, self.out_dir / tracking.EVAL_REPORT)
-            self.class_report = report
+            self.class_report = {**report, "step": step}
         self.meter.restart()
         return metrics
 
@@ -459,6 +467,7 @@ class Trainer:
             state.evals_since_best += 1
             return
         state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+        self.best_metrics, self.best_class_report = metrics, self.class_report
         if t.best_metric is not None:
             if state.last_save_step != state.step:
                 self.save()
@@ -511,6 +520,10 @@ class Trainer:
         if state.last_save_step != state.step:
             self.save()
         final = self.export_final()
+        class_report = self.class_report
+        if self.best_metrics is not None and state.best_step != state.step and self.cfg.train.final == "best":
+            self.results[f"best: step {state.best_step}, in final/"] = self.best_metrics
+            class_report = self.best_class_report
         extra = {"final": f"{self.out_dir / 'final'} ({final})", "steps": str(state.step),
                  "trained tokens": f"{state.trained_tokens:,}"}
         if state.step < state.total_steps:
@@ -518,8 +531,8 @@ class Trainer:
         if self.is_main:
             extra["report"] = self.write_report()
         self.tracker.summary("evaluation", self.results, extra)
-        if self.class_report and self.is_main:
-            tracking.print_class_report(self.class_report)
+        if class_report and self.is_main:
+            tracking.print_class_report(class_report, class_report["step"])
         return self.results.get("after training", {})
 
     def write_report(self) -> str:

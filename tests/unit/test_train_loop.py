@@ -147,7 +147,8 @@ def trainer_for(tmp_path, monkeypatch, *, steps=6, targets=None, results=None, o
     bm = BatchMath(micro_batch_size=2, gradient_accumulation_steps=3, data_parallel_size=1)
     pre = SimpleNamespace(cfg=cfg, batch=bm, launch=SimpleNamespace(is_main=True, rank=0, world_size=1),
                           zero_stage=0, identity={"model": "m"}, resume=None)
-    prepared = SimpleNamespace(pre=pre, total_steps=steps, data=None, tokenizer=SimpleNamespace(pad_token_id=0), ds={})
+    prepared = SimpleNamespace(pre=pre, total_steps=steps, data=None, tokenizer=SimpleNamespace(pad_token_id=0), ds={},
+                               prompts=[])
     trainer = Trainer(prepared)
     engine = engine or Engine()
     targets = targets or [10] * steps
