@@ -126,7 +126,9 @@ def training_plots(metrics: Metrics) -> list[str]:
 
 def eval_plots(metrics: Metrics, best_step: int | None) -> list[str]:
     plots = []
-    eval_keys = [k for k in metrics.series if k.startswith("eval/") and metrics.points(k)[0]]
+    # The eval set's size (examples, tokens) is not a curve.
+    eval_keys = [k for k in metrics.series if k.startswith("eval/") and metrics.points(k)[0]
+                 and k.rsplit("/", 1)[-1] not in ("examples", "tokens")]
     for title, keys in eval_groups(eval_keys).items():
         lines = {key: metrics.points(key) for key in keys}
         plots.append(_img(f"eval/{title}", _plot(f"eval/{title}", lines, markers=True, best_step=best_step)))
