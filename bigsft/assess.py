@@ -17,6 +17,7 @@ from pathlib import Path
 from bigsft import dist, tracking
 from bigsft.config import ConfigError, RunConfig
 from bigsft.dist import LaunchEnv
+from bigsft.files import write_json_atomically, write_jsonl_atomically
 
 
 def _model_dir(model: str, launch: LaunchEnv, scratch: Path) -> str:
@@ -111,9 +112,9 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
     if launch.is_main:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tracking.write_json_atomically(out / tracking.EVAL_REPORT, {**metrics, **report})
+        write_json_atomically(out / tracking.EVAL_REPORT, {**metrics, **report})
         if rows is not None:
-            tracking.write_jsonl_atomically(out / "samples" / "evaluate.jsonl", rows)
+            write_jsonl_atomically(out / "samples" / "evaluate.jsonl", rows)
             tracking.info(f"samples: {out / 'samples' / 'evaluate.jsonl'}")
         tracking.print_metrics(f"evaluation of {model}", {"eval": metrics})
         if report:

@@ -42,6 +42,7 @@ import torch
 from bigsft import dist
 from bigsft.config import ConfigError
 from bigsft.errors import CheckpointError
+from bigsft.files import write_text_atomically
 
 CHECKPOINTS = "checkpoints"
 DS_TAG = "ds"
@@ -238,7 +239,7 @@ class ResumePoint:
             except (CheckpointError, OSError) as e:
                 message = str(e) if isinstance(e, CheckpointError) else (
                     f"converting {self.path} to DeepSpeed's universal format failed: {e}")
-                _write_text_atomically(failed, message)
+                write_text_atomically(failed, message, durable=True)
         else:
             while not (self.path / UNIVERSAL_TAG).is_dir() and not failed.is_file():
                 time.sleep(poll_seconds)
@@ -339,15 +340,6 @@ def repair_zero3_universal_load(optimizer, weight_decays: list[float]) -> None:
     for state in optimizer.state.values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,8 +476,9 @@ class Checkpointer:
         """checkpoints/best.json names the best checkpoint (rank 0; written atomically)."""
         if self.rank == 0:
             try:
-                _write_text_atomically(self.root / BEST, json.dumps({"step": step, "path": self.step_dir(step).name,
-                                                                      "metric": metric, "value": value}) + "\n")
+                write_text_atomically(self.root / BEST, json.dumps({"step": step, "path": self.step_dir(step).name,
+                                                                     "metric": metric, "value": value}) + "\n",
+                                      durable=True)
             except OSError as e:  # the checkpoints' trainer.json still say which is best
                 warnings.warn(f"could not write {self.root / BEST}: {e.strerror or e}", stacklevel=2)
 

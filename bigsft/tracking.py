@@ -26,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bigsft.config import WandbConfig, redact
+from bigsft.files import write_json_atomically, write_jsonl_atomically, write_text_atomically
 
 # Slurm log files are not terminals: plain lines, wide enough not to wrap the start-up table.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -91,9 +92,7 @@ def keep_metrics_through(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 # W&B's older WANDB_MODE values, as its own docs still show them
@@ -264,19 +263,6 @@ class Tracker:
 
 EVAL_REPORT = "eval_report.json"
 """output_dir/eval_report.json: the latest eval's metrics and a classifier's per-class report."""
-
-
-def write_json_atomically(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def write_jsonl_atomically(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    tmp.replace(path)
 
 
 def print_class_report(report: dict, step: int | None = None) -> None:
