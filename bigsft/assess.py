@@ -20,22 +20,15 @@ from bigsft.dist import LaunchEnv
 from bigsft.files import write_json_atomically, write_jsonl_atomically
 
 
-def _model_dir(model: str, launch: LaunchEnv, scratch: Path) -> str:
-    """An HF model directory (or hub id / pkg: source) for MODEL; a checkpoint is exported by rank 0 first."""
+def _model_dir(model: str, scratch: Path) -> str:
+    """An HF model directory (or hub id / pkg: source) for MODEL; a checkpoint is exported first, by every
+    rank into its own `scratch` (a node-local temporary directory; each rank loads the whole model anyway)."""
     path = Path(model)
     if not (path / "trainer.json").is_file():
         return model
     from bigsft.export import export_checkpoint
 
-    problem = ""
-    if launch.is_main:
-        try:
-            export_checkpoint(path, scratch / "model")
-        except ConfigError as e:
-            problem = str(e)
-    problem = dist.all_gather_object(problem)[0]
-    if problem:
-        raise ConfigError(problem)
+    export_checkpoint(path, scratch / "model")
     return str(scratch / "model")
 
 
@@ -69,23 +62,24 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
 
     if not cfg.data.has_eval:
         raise ConfigError("data.eval: bigsft evaluate needs eval data in the config (data.eval or data.validation)")
+    with tempfile.TemporaryDirectory(prefix="bigsft-evaluate-") as scratch:
+        # Before the process group: once one exists, transformers writes exports on rank 0 only.
+        source = _model_dir(model, Path(scratch))
+        # The model directory's own tokenizer (final/ and exports carry it), else the config's.
+        own_tokenizer = (Path(source) / "tokenizer_config.json").is_file() or cfg.model.tokenizer is None
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=source, config=None, lora=None,
+                                        gradient_checkpointing=False,
+                                        tokenizer=None if own_tokenizer else cfg.model.tokenizer)
+        hf_config = load_hf_config(model_cfg)
+        tokenizer = build_tokenizer(model_cfg)
+        run_data = setup_data(cfg.data, model_cfg, tokenizer)
+        problems = _head_problems(hf_config, cfg.model.task, run_data.id2label)
+        if problems:
+            raise ConfigError(problems)
+        torch.manual_seed(cfg.train.seed)  # a new head (the baseline) is the same on every rank
+        net = build_model(model_cfg, hf_config, tokenizer=tokenizer, id2label=run_data.id2label, seed=cfg.train.seed)
     dist.init_process_group(launch)
     try:
-        with tempfile.TemporaryDirectory(prefix="bigsft-evaluate-") as scratch:
-            source = _model_dir(model, launch, Path(scratch))
-            # The model directory's own tokenizer (final/ and exports carry it), else the config's.
-            own_tokenizer = (Path(source) / "tokenizer_config.json").is_file() or cfg.model.tokenizer is None
-            model_cfg = dataclasses.replace(cfg.model, name_or_path=source, config=None, lora=None,
-                                            gradient_checkpointing=False,
-                                            tokenizer=None if own_tokenizer else cfg.model.tokenizer)
-            hf_config = load_hf_config(model_cfg)
-            tokenizer = build_tokenizer(model_cfg)
-            run_data = setup_data(cfg.data, model_cfg, tokenizer)
-            problems = _head_problems(hf_config, cfg.model.task, run_data.id2label)
-            if problems:
-                raise ConfigError(problems)
-            torch.manual_seed(cfg.train.seed)  # a new head (the baseline) is the same on every rank
-            net = build_model(model_cfg, hf_config, tokenizer=tokenizer, id2label=run_data.id2label, seed=cfg.train.seed)
         device = get_accelerator().current_device_name()
         net = net.to(device).eval()
         causal = cfg.model.task == "causal_lm"

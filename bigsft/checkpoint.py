@@ -639,14 +639,13 @@ def lock_output_dir(output_dir: str | Path) -> None:
     """Collective: rank 0 holds output_dir's lock for the rest of the run, so a second job on the same
     directory cannot delete this one's saves in progress or cut its metrics back. On a conflict every rank
     raises the same ConfigError."""
-    problem = ""
     key = Path(output_dir).resolve()
-    if dist.rank() == 0 and key not in _held_locks:  # a second run in this process already holds it
-        try:
+
+    def take() -> None:
+        if key not in _held_locks:  # a second run in this process already holds it
             _held_locks[key] = take_output_dir_lock(output_dir)
-        except ConfigError as e:
-            problem = str(e)
-    problem = dist.all_gather_object(problem)[0]
+
+    problem = dist.rank0_verdict(take, (ConfigError,))
     if problem:
         raise ConfigError(problem)
 

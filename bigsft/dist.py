@@ -13,7 +13,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -237,6 +237,18 @@ def all_gather_object(value) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def rank0_verdict(action: Callable[[], object], errors: tuple[type[BaseException], ...]) -> str:
+    """Collective: rank 0 runs `action` (a write to shared storage that one rank does for all); every rank
+    returns its failure, one of `errors` as a message, or '' when it succeeded."""
+    problem = ""
+    if rank() == 0:
+        try:
+            action()
+        except errors as e:
+            problem = str(e)
+    return all_gather_object(problem)[0]
 
 
 def all_reduce_tensor(t):

@@ -555,13 +555,9 @@ class Trainer:
             return f"step {state.step}{best}"
         from bigsft.export import export_checkpoint
 
-        problem = ""
-        if self.is_main:
-            try:
-                export_checkpoint(self.checkpointer.step_dir(state.best_step), self.out_dir / "final")
-            except (UserError, RunFailed, OSError) as e:
-                problem = str(e)
-        problem = dist.all_gather_object(problem)[0]
+        problem = dist.rank0_verdict(
+            lambda: export_checkpoint(self.checkpointer.step_dir(state.best_step), self.out_dir / "final"),
+            (UserError, RunFailed, OSError))
         if problem:
             raise CheckpointError(f"exporting the best checkpoint (step {state.best_step}) to final/ failed: {problem}")
         return f"step {state.best_step}, the best by {t.best_metric} ({state.best_value:.6g})"

@@ -5,13 +5,14 @@ gives the same accuracy, precision, recall and F1 as one rank."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import tiny
-from conftest import REPO, check, read_metrics
+from conftest import REPO, check, launch_env, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +83,14 @@ def test_generation_and_per_set_metrics_on_two_zero3_ranks_equal_one_rank(tmp_pa
     pool.add("gen_two", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'two'}"], nproc=2)
     pool.add("gen_one", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'one'}",
                          "train.gradient_accumulation_steps=2"], launcher="plain")
+    # bigsft evaluate of the last checkpoint on 2 ranks: each rank exports it for itself (transformers writes
+    # on rank 0 only once a process group exists), then scores it as the run's last eval did.
+    from bigsft.dist import free_port
+
+    pool.add("gen_evaluate", commands=lambda: [(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "bigsft", "evaluate", str(tmp_path / "two" / "checkpoints" / "step_00000001"), str(cfg),
+         f"output_dir={tmp_path / 'evaluate'}"], launch_env())], after=("gen_two",))
     check(pool.result("gen_two"))
     check(pool.result("gen_one"))
 
@@ -105,6 +114,14 @@ def test_generation_and_per_set_metrics_on_two_zero3_ranks_equal_one_rank(tmp_pa
     rows = samples(tmp_path / "two", 1)
     assert [r["reference"] for r in rows] == [r["output"] for r in records[40:45]]
     assert all(r["prompt"].endswith("assistant\n") and r["set"] == "dev" for r in rows)
+
+    check(pool.result("gen_evaluate"))
+    report = json.loads((tmp_path / "evaluate" / "eval_report.json").read_text())
+    assert {k for k in report} == {k for k in two[-1] if k != "step"}
+    for key, value in report.items():
+        assert value == pytest.approx(two[-1][key], rel=1e-6, abs=1e-6), key
+    answers = (tmp_path / "evaluate" / "samples" / "evaluate.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in answers] == samples(tmp_path / "two", 1)
 
     # Each set's metrics in the run are those of that set evaluated alone (the exported model, in this process).
     from test_training import reload_eval_metrics
