@@ -180,3 +180,16 @@ def test_evaluate_refuses_a_head_that_cannot_score_the_data():
     assert _head_problems(unnamed, "sequence_classification", {0: "neg", 1: "pos"}) == []
     base = SimpleNamespace(architectures=["BertModel"], id2label={0: "LABEL_0", 1: "LABEL_1"})
     assert _head_problems(base, "sequence_classification", {0: "a", 1: "b", 2: "c"}) == []  # a new head
+
+
+def test_eval_set_names_come_from_names_or_files_and_never_read_as_metrics():
+    from bigsft.config import DataConfig, DataSource
+    from bigsft.data import eval_set_names
+
+    def source(path, **kw):
+        return DataSource(path=path, format="alpaca", **kw)
+
+    data = DataConfig(train=[source("t.jsonl")], validation=0.1,
+                      eval=[source("data/dev.jsonl"), source("other/dev.json.gz"), source("x.jsonl", name="loss"),
+                            source("y.jsonl", name="validation")])
+    assert eval_set_names(data) == ["dev", "dev_1", "loss_set", "validation", "validation_2"]
