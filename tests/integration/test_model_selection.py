@@ -169,8 +169,9 @@ def test_resume_after_a_signal_keeps_the_best_and_the_patience_count(tmp_path, l
     want = _evals(ref)
     best_step, best_value = min(want, key=lambda e: (e[1], e[0]))
     last = want[-1][0]
-    # The reference is the case under test: a best before the last eval, patience run out before max_steps.
-    assert best_step < interrupted["step"] and [s for s, _ in want if s > best_step] == [
+    # The reference is the case under test: a best before the last eval, patience run out before max_steps;
+    # and the interruption fell between them, leaving the relaunch evals to count.
+    assert best_step < interrupted["step"] < last and [s for s, _ in want if s > best_step] == [
         best_step + 2, best_step + 4, best_step + 6, best_step + 8] and last < 40
     assert f"stopping early at step {last}" in reference.stdout and f"stopping early at step {last}" in resumed.stdout
     # The same evals, the same train steps (each once), the same selection.
