@@ -148,7 +148,7 @@ def test_resume_after_a_signal_keeps_the_best_and_the_patience_count(tmp_path, l
             evals = _logged_evals(out)
             if len(evals) >= 2 and evals[-1][1] >= min(v for _, v in evals[:-1]):
                 break
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() else ""
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else ""
             time.sleep(0.02)
         proc.send_signal(signal.SIGUSR1)
         output, _ = proc.communicate(timeout=300)
