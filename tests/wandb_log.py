@@ -69,3 +69,20 @@ def config(path: Path) -> dict:
 def run_file(wandb_dir: Path) -> Path:
     [path] = list(wandb_dir.glob("offline-run-*/run-*.wandb"))
     return path
+
+
+
+def tables(run_dir: Path, key: str) -> dict[int, dict]:
+    """The tables logged under `key`, by step. A history row holds a reference to each, its fields nested
+    under the key (`<key>/_type` is `table-file`, `<key>/path` a path under the run's files/); the table
+    itself ({"columns": [...], "data": [[...], ...]}) is the JSON file there."""
+    out = {}
+    for row in history(next(run_dir.glob("run-*.wandb"))):
+        ref = {k[len(key) + 1:]: v for k, v in row.items() if k.startswith(f"{key}/")}
+        if ref.get("_type") is None:
+            continue
+        assert ref["_type"] == "table-file", ref
+        table = json.loads((run_dir / "files" / ref["path"]).read_text())
+        assert (ref["ncols"], ref["nrows"]) == (len(table["columns"]), len(table["data"])), ref
+        out[row["_step"]] = table
+    return out

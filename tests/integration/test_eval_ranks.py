@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb_log
 import yaml
 
 import tiny
@@ -35,7 +36,8 @@ def test_classification_metrics_on_two_ranks_equal_one_rank(tmp_path, tokenizer_
                   "log_every": 1, "eval_at_start": True, "eval_every": 0}}))
     # ZeRO-3: rank 1's dummy forward must keep the parameter gathers in step, and must count for nothing.
     # The two runs are independent: side by side (conftest's LaunchPool).
-    pool.add("two", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'two'}"], nproc=2)
+    # The 2-rank run logs to W&B (offline): its per-class report is a table in the run file.
+    pool.add("two", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'two'}", "wandb.mode=offline"], nproc=2)
     pool.add("one", [str(cfg), "deepspeed=zero3", f"output_dir={tmp_path / 'one'}",
                      "train.gradient_accumulation_steps=2"], launcher="plain")
     check(pool.result("two"))
@@ -52,6 +54,16 @@ def test_classification_metrics_on_two_ranks_equal_one_rank(tmp_path, tokenizer_
         for key in ("eval/accuracy", "eval/precision", "eval/recall", "eval/f1"):
             assert a[key] == b[key], (key, json.dumps(a), json.dumps(b))
         assert a["eval/loss"] == pytest.approx(b["eval/loss"], abs=1e-5)
+    # The per-class report of each eval (before and after training) as a W&B table: a row per class, the
+    # supports summing to the 41 examples, the last one as eval_report.json has it.
+    tables = wandb_log.tables(next((tmp_path / "two" / "wandb").glob("offline-run-*")), "eval/classes")
+    assert sorted(tables) == [0, 2]
+    for table in tables.values():
+        assert table["columns"] == ["class", "precision", "recall", "f1", "support"]
+        assert len(table["data"]) == 4 and sum(row[-1] for row in table["data"]) == 41
+    report = json.loads((tmp_path / "two" / "eval_report.json").read_text())
+    assert tables[2]["data"] == [[name, r["precision"], r["recall"], r["f1"], r["support"]]
+                                 for name, r in report["classes"].items()]
     # Not a degenerate model that predicts one class for everything (metrics would then agree trivially).
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

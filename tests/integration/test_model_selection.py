@@ -1,15 +1,23 @@
 """Model selection on real data: the MiniLM encoder fine-tuned on SST-2, 160 records held out by
 data.validation, keeps its best checkpoint by eval F1 (rotation with keep_last 1 spares it), stops early,
-and exports that best model to final/; `bigsft evaluate` scores it as the run did."""
+and exports that best model to final/; `bigsft evaluate` scores it as the run did. And on the tiny llama:
+a run stopped by a signal between its best eval and its early stop resumes to the same best and the same stop."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 import yaml
 
-from conftest import check, launch, read_metrics
+import tiny
+from conftest import REPO, Background, causal_config, check, launch, launch_command, launch_env, read_metrics
+
+EXIT_SAVED = 75
 
 
 def _f1_of_export(final, sst2: str) -> float:
@@ -95,3 +103,98 @@ def _bigsft(*args: str):
 
     return subprocess.run([sys.executable, "-m", "bigsft", *args], capture_output=True, text=True, timeout=600,
                           env=launch_env(), cwd=REPO)
+
+
+def _evals(run) -> list[tuple[int, float]]:
+    return [(r["step"], r["eval/loss"]) for r in read_metrics(run) if "eval/loss" in r]
+
+
+def _logged_evals(run) -> list[tuple[int, float]]:
+    """The evals of a run in progress (a last line still being written is left out)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [(r["step"], r["eval/loss"]) for r in map(json.loads, (x for x in lines if x.endswith("}")))
+            if "eval/loss" in r]
+
+
+def _tensors(final) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(final / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_after_a_signal_keeps_the_best_and_the_patience_count(tmp_path, llama_dir):
+    """A high constant LR: eval/loss bottoms out at one eval, then several evals do not beat it and patience 4
+    stops the run. The same run, signalled once an eval has not beaten the best (evals_since_best 1 or more),
+    saves and exits 75; its relaunch must end exactly where the uninterrupted run ended: a best_value or a
+    patience count lost or reset on resume moves the best step or the stop."""
+    records = tiny.alpaca_records(200, seed=11)
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", records[:168])
+    evaluation = tiny.write_jsonl(tmp_path / "eval.jsonl", records[168:])
+    cfg = causal_config(tmp_path, llama_dir, train, evaluation, max_steps=40, lr=3e-2, lr_schedule="constant",
+                        eval_every=2, save_every=2, keep_last=1, best_metric="eval/loss", final="best",
+                        early_stopping_patience=4)
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    # The reference depends on no timing: in the background (conftest's Background) beside the run signalled.
+    background = Background([(launch_command([str(cfg), f"output_dir={ref}"], launcher="plain"), launch_env())],
+                            timeout=600)
+    proc = subprocess.Popen(launch_command([str(cfg), f"output_dir={out}"], launcher="plain"), env=launch_env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:  # until an eval that does not beat an earlier one (evals_since_best >= 1 until the stop)
+            evals = _logged_evals(out)
+            if len(evals) >= 2 and evals[-1][1] >= min(v for _, v in evals[:-1]):
+                break
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else ""
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == EXIT_SAVED, output[-3000:]
+        assert "checkpoint saved, relaunch to resume" in output, output[-3000:]
+        saved = max((out / "checkpoints").glob("step_*"))
+        interrupted = json.loads((saved / "trainer.json").read_text())
+        assert interrupted["evals_since_best"] >= 1 and interrupted["best_step"] < interrupted["step"], interrupted
+        resumed = check(launch([str(cfg), f"output_dir={out}"], launcher="plain"))
+        assert f"resumed from {saved} at step {interrupted['step']}" in resumed.stdout
+        [reference] = background.results()
+    finally:  # a failure above leaves neither run behind
+        background.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    check(reference)
+    want = _evals(ref)
+    best_step, best_value = min(want, key=lambda e: (e[1], e[0]))
+    last = want[-1][0]
+    # The reference is the case under test: a best before the last eval, patience run out before max_steps;
+    # and the interruption fell between them, leaving the relaunch evals to count.
+    assert best_step < interrupted["step"] < last and [s for s, _ in want if s > best_step] == [
+        best_step + 2, best_step + 4, best_step + 6, best_step + 8] and last < 40
+    assert f"stopping early at step {last}" in reference.stdout and f"stopping early at step {last}" in resumed.stdout
+    # The same evals, the same train steps (each once), the same selection.
+    got = _evals(out)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
+    steps, steps_ref = ([r for r in read_metrics(d) if "loss" in r] for d in (out, ref))
+    assert [r["step"] for r in steps] == [r["step"] for r in steps_ref] == list(range(1, last + 1))
+    assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in steps_ref], abs=1e-6)
+    marked, marked_ref = (json.loads((d / "checkpoints" / "best.json").read_text()) for d in (out, ref))
+    assert marked == {**marked_ref, "value": pytest.approx(marked_ref["value"], abs=1e-6)}
+    assert marked_ref["step"] == best_step and marked_ref["value"] == pytest.approx(best_value)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == sorted(p.name for p in (ref / "checkpoints").iterdir())
+    assert kept == ["best.json", f"step_{best_step:08d}", f"step_{last:08d}"]
+    end, end_ref = (json.loads((d / "checkpoints" / f"step_{last:08d}" / "trainer.json").read_text()) for d in (out, ref))
+    assert end_ref["step"] == last and end_ref["evals_since_best"] == 4
+    for key in ("step", "best_step", "evals_since_best", "last_eval_step", "trained_tokens"):
+        assert end[key] == end_ref[key], key
+    assert end["best_value"] == pytest.approx(end_ref["best_value"], abs=1e-6)
+    # final/ holds the best checkpoint's weights in both
+    assert f"step {best_step}, the best by eval/loss" in resumed.stdout
+    weights, weights_ref = _tensors(out / "final"), _tensors(ref / "final")
+    assert weights.keys() == weights_ref.keys()
+    for name, tensor in weights_ref.items():
+        assert weights[name].allclose(tensor, atol=1e-6), name

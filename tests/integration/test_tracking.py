@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -33,10 +34,12 @@ def runs(pool, run_config, tmp_path_factory) -> dict[str, Path]:
     LaunchPool); each test checks the exit of its own. The wandb resume starts once its first run is done."""
     d = tmp_path_factory.mktemp("tracking_runs")
     out = {key: d / key for key in ("wandb", "plain", "tty", "errors", "online")}
-    wandb_test = ("test_wandb_run_holds_what_metrics_jsonl_holds_and_a_resume_continues_it",)
+    wandb_test = ("test_wandb_run_holds_what_metrics_jsonl_holds_and_a_resume_continues_it",
+                  "test_wandb_run_holds_the_generation_samples_as_tables")
+    generate = ["eval.generate.samples=3", "eval.generate.max_new_tokens=8"]
     pool.add("wandb_first", [str(run_config), f"output_dir={out['wandb']}", "wandb.mode=offline", "train.max_steps=4",
-                             "train.eval_every=2"], nproc=2, env=SENTINELS, tests=wandb_test)
-    pool.add("wandb_second", [str(run_config), f"output_dir={out['wandb']}", "wandb.mode=offline"], nproc=2,
+                             "train.eval_every=2", *generate], nproc=2, env=SENTINELS, tests=wandb_test)
+    pool.add("wandb_second", [str(run_config), f"output_dir={out['wandb']}", "wandb.mode=offline", *generate], nproc=2,
              env=SENTINELS, after=("wandb_first",), tests=wandb_test)
     console = ("test_plain_console_off_a_terminal_and_a_progress_bar_on_one",)
     pool.add("plain", [str(run_config), f"output_dir={out['plain']}"], launcher="plain", tests=console)
@@ -79,6 +82,21 @@ def test_wandb_run_holds_what_metrics_jsonl_holds_and_a_resume_continues_it(pool
     for text in (first.stdout, first.stderr, second.stdout, second.stderr):
         assert not any(v in text for v in SENTINELS.values())
     assert_no_secret_under(out)
+
+
+def test_wandb_run_holds_the_generation_samples_as_tables(pool, runs):
+    """eval.generate's answers at each eval (steps 2 and 4, then 6 after the resume): a W&B table per eval in the
+    run file's history, its JSON under files/media/table/, the rows of samples/step_N.jsonl."""
+    out = runs["wandb"]
+    check(pool.result("wandb_first"))
+    check(pool.result("wandb_second"))
+    first, second = (wandb_log.tables(run, "eval/samples") for run in sorted((out / "wandb").glob("offline-run-*")))
+    assert sorted(first) == [2, 4] and sorted(second) == [6]
+    for step, table in {**first, **second}.items():
+        assert table["columns"] == ["set", "prompt", "reference", "output"]
+        written = [json.loads(line) for line in (out / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+        assert len(written) == 3 and table["data"] == [[r[c] for c in table["columns"]] for r in written]
+        assert all(prompt and reference for _, prompt, reference, _ in table["data"])
 
 
 def assert_no_secret_under(root: Path) -> None:
