@@ -86,6 +86,16 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
+def _wandb_problems(cfg: RunConfig) -> list[str]:
+    from bigsft.tracking import WANDB_MODES, wandb_mode
+
+    mode = wandb_mode(cfg.wandb)
+    if mode not in WANDB_MODES:
+        return [f"WANDB_MODE={os.environ.get('WANDB_MODE')!r} in the environment: W&B knows "
+                f"{', '.join(WANDB_MODES)} (or set wandb.mode in the config, which wins)"]
+    return []
+
+
 def _output_dir_problem(output_dir: str) -> str | None:
     p = Path(output_dir).resolve()
     if p.exists() and not p.is_dir():
@@ -152,6 +162,7 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
             except ConfigError as e:
                 errors += e.problems
     errors += _selection_problems(cfg)
+    errors += _wandb_problems(cfg)
     problem = _output_dir_problem(cfg.output_dir)
     if problem:
         errors.append(problem)

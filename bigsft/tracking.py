@@ -99,8 +99,11 @@ def keep_metrics_through(path: Path, step: int) -> None:
 _LEGACY_MODES = {"dryrun": "offline", "run": "online"}
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 def wandb_mode(cfg: WandbConfig) -> str:
-    """wandb.mode, else WANDB_MODE, else disabled."""
+    """wandb.mode, else WANDB_MODE (blank counts as unset), else disabled."""
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     return cfg.mode or _LEGACY_MODES.get(env, env) or "disabled"
 
@@ -160,6 +163,8 @@ class Tracker:
                   "tags": list(cfg.tags) or None, "dir": cfg.dir or os.environ.get("WANDB_DIR") or str(output_dir),
                   "config": redact(run_config), "id": run_id,
                   "resume": "allow" if run_id else None}
+        # wandb reads WANDB_MODE itself, and refuses a blank or older spelling that bigsft has resolved already.
+        os.environ["WANDB_MODE"] = mode
         try:
             run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, console="off"), **kwargs)
         except Exception as e:  # no network, a refused key: training goes on with the run kept locally

@@ -216,3 +216,16 @@ def test_data_validation_is_a_fraction_or_a_record_count(value, ok):
     else:
         with pytest.raises(ConfigError, match="data.validation"):
             config_from_dict(raw)
+
+
+def test_a_wandb_mode_from_the_environment_that_wandb_refuses_is_a_config_error(monkeypatch):
+    from bigsft.config import WandbConfig
+    from bigsft.preflight import _wandb_problems
+    from bigsft.tracking import wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", " ")
+    assert wandb_mode(WandbConfig()) == "disabled"  # blank: unset
+    monkeypatch.setenv("WANDB_MODE", "offlin")
+    cfg = config_from_dict(base())
+    assert "WANDB_MODE='offlin' in the environment" in _wandb_problems(cfg)[0]
+    assert _wandb_problems(config_from_dict(base(wandb={"mode": "offline"}))) == []  # the config wins
