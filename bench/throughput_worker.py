@@ -109,7 +109,7 @@ def run_bare(cfg, steps: int) -> list[float]:
         start = time.perf_counter()
         targets = sum(b.num_targets for b in window)
         for batch in window:
-            loss, _ = summed_loss(model, batch, causal=True, head=head)
+            loss, _ = summed_loss(model, batch, task="causal_lm", head=head)
             (loss / targets).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in optimizer.param_groups:

@@ -32,13 +32,22 @@ def _model_dir(model: str, scratch: Path) -> str:
     return str(scratch / "model")
 
 
+TASK_HEADS = {"sequence_classification": ("ForSequenceClassification", "a sequence classifier"),
+              "token_classification": ("ForTokenClassification", "a token classifier"),
+              "question_answering": ("ForQuestionAnswering", "an extractive QA model")}
+"""Tasks whose head is trained from scratch on a pretrained backbone, by the architecture suffix of that head."""
+
+
 def _head_problems(hf_config, task: str, id2label: dict[int, str] | None) -> list[str]:
-    """A trained head that cannot score this data: the other task's, or other classes."""
-    heads = [a for a in getattr(hf_config, "architectures", None) or [] if a.endswith("ForSequenceClassification")]
-    if task == "causal_lm":
-        return [f"MODEL is a sequence classifier ({heads[0]}) but the config's model.task is causal_lm"] if heads else []
-    if not heads or id2label is None:
-        return []  # a base model: a new head, the untrained baseline
+    """A trained head that cannot score this data: another task's, or other classes. A backbone without one
+    gets a new head: the untrained baseline."""
+    archs = getattr(hf_config, "architectures", None) or []
+    for other, (suffix, what) in TASK_HEADS.items():
+        head = next((a for a in archs if a.endswith(suffix)), None)
+        if head is not None and other != task:
+            return [f"MODEL is {what} ({head}) but the config's model.task is {task}"]
+    if task not in TASK_HEADS or id2label is None or not any(a.endswith(TASK_HEADS[task][0]) for a in archs):
+        return []
     theirs = {int(k): v for k, v in (hf_config.id2label or {}).items()}
     if len(theirs) != len(id2label):
         return [f"MODEL classifies {len(theirs)} classes, the data {len(id2label)} ({', '.join(id2label.values())})"]
@@ -57,7 +66,7 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
     from bigsft.data import eval_sets, setup_data
     from bigsft.data.scan import SplitStats
     from bigsft.data.stream import dummy_batch
-    from bigsft.evaluate import evaluate
+    from bigsft.evaluate import PER_TOKEN_TASKS, evaluate
     from bigsft.model import build_model, build_tokenizer, load_hf_config, trained_positions_head
 
     if not cfg.data.has_eval:
@@ -83,14 +92,15 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         device = get_accelerator().current_device_name()
         net = net.to(device).eval()
         causal = cfg.model.task == "causal_lm"
+        per_token = cfg.model.task in PER_TOKEN_TASKS
         ranks = BatchMath(micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=1,
                           data_parallel_size=launch.world_size, eval_micro_batch_size=cfg.train.eval_micro_batch_size)
         sets = eval_sets(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
                          pad_id=tokenizer.pad_token_id)
         report: dict = {}
         labels = list(run_data.id2label.values()) if run_data.id2label else None
-        metrics = evaluate(net, sets, causal=causal, num_labels=len(labels) if labels else None, device=device,
-                           dummy=dummy_batch(causal=causal, pad_id=tokenizer.pad_token_id),
+        metrics = evaluate(net, sets, task=cfg.model.task, num_labels=len(labels) if labels else None, device=device,
+                           dummy=dummy_batch(per_token=per_token, pad_id=tokenizer.pad_token_id),
                            head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
                            report=report)
         rows = None

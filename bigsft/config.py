@@ -30,7 +30,9 @@ DEMO_RECIPE = "demo"
 # The tree. Every field has a default or is checked by `validate`; every field carries a docstring.
 
 
-Task = Literal["causal_lm", "sequence_classification"]
+Task = Literal["causal_lm", "sequence_classification", "token_classification", "question_answering", "seq2seq_lm"]
+LABELED_TASKS = ("sequence_classification", "token_classification")
+"""Tasks with a label set (model.labels / model.num_labels, id2label in the export)."""
 TrainOn = Literal["assistant", "last_assistant", "all"]
 DataFormat = Literal["alpaca", "prompt_completion", "classification", "messages", "sharegpt", "text"]
 
@@ -79,12 +81,14 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer path or hub id; defaults to `name_or_path`. Required with `model.config`."""
     task: Task = "causal_lm"
-    """`causal_lm` trains next-token prediction on the response; `sequence_classification` adds a
-    classification head on top of the backbone."""
+    """`causal_lm` trains next-token prediction on the response; `sequence_classification` puts a class head
+    on the backbone, `token_classification` a tag head on every token (NER), `question_answering` a span
+    head (extractive QA); `seq2seq_lm` trains an encoder-decoder on source -> target."""
     num_labels: int | None = None
-    """Number of classes for `sequence_classification` (defaults to len(labels))."""
+    """Number of classes (tags) for `sequence_classification` / `token_classification` (defaults to
+    len(labels), or the names found in the training data)."""
     labels: list[str] | None = None
-    """Class names in id order; saved with the model as id2label."""
+    """Class (tag) names in id order; saved with the model as id2label."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision. bf16/fp16 keep fp32 master weights in the optimizer."""
     gradient_checkpointing: bool = False
@@ -129,6 +133,9 @@ class DataConfig:
     """Samples longer than max_length: cut the response side, or skip the sample (counted either way)."""
     shuffle_buffer: int = 1000
     """Samples held per source for shuffling (bounded memory); file order is reshuffled every epoch."""
+    subtoken_labels: Literal["first", "all"] = "first"
+    """token_classification: a word's tag trains its first sub-token only (`first`, the others get no loss), or
+    every sub-token (`all`: B-X continues as I-X). Evaluation scores words by their first sub-token either way."""
 
     @property
     def has_eval(self) -> bool:
@@ -656,8 +663,17 @@ def _model_problems(cfg: RunConfig) -> list[str]:
         if m.num_labels is not None and m.num_labels < 2:
             errors.append(f"model.num_labels: {m.num_labels}; classification needs at least 2 classes")
     elif m.num_labels is not None or m.labels:
-        errors.append("model.num_labels / model.labels: only for task sequence_classification")
+        if m.task != "token_classification":
+            errors.append("model.num_labels / model.labels: only for tasks sequence_classification and "
+                          "token_classification")
+        elif m.num_labels is not None and m.labels and len(m.labels) != m.num_labels:
+            errors.append(
+                f"model.labels has {len(m.labels)} names but model.num_labels is {m.num_labels}: make them agree"
+            )
 
+    if m.task in ("question_answering", "seq2seq_lm"):
+        errors.append(f"model.task: {m.task} is not available in this version yet (causal_lm, sequence_classification "
+                      "and token_classification are)")
     if m.lora is not None:
         if m.lora.r < 1:
             errors.append(f"model.lora.r: {m.lora.r}; must be >= 1")

@@ -20,19 +20,23 @@ from bigsft.data.batching import Batch
 from bigsft.data.tokenize import IGNORE
 from bigsft.model import TrainedPositionsHead
 
+PER_TOKEN_TASKS = ("causal_lm", "token_classification", "seq2seq_lm")
+"""Tasks whose targets are per token ([B, T], -100 where no loss), not one per example."""
+GENERATIVE_TASKS = ("causal_lm", "seq2seq_lm")
 
-def summed_loss(model: Callable, batch: Batch, *, causal: bool,
+
+def summed_loss(model: Callable, batch: Batch, *, task: str,
                 head: TrainedPositionsHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropies over the batch's targets in fp32, logits). With `head` (a causal LM), the
     LM head runs only where a target is, and the logits are [trained tokens, vocab]."""
-    if causal and head is not None:
+    extra = {"use_cache": False} if task in GENERATIVE_TASKS else {}
+    if head is not None:
         mask = batch.targets != IGNORE
         with head.selecting(mask):
-            logits = model(**batch.inputs, use_cache=False).logits
+            logits = model(**batch.inputs, **extra).logits
         return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum"), logits
-    extra = {"use_cache": False} if causal else {}
     logits = model(**batch.inputs, **extra).logits
-    if causal:
+    if task in PER_TOKEN_TASKS:
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                                reduction="sum")
     else:
@@ -82,14 +86,50 @@ RESERVED_SET_NAMES = frozenset({"loss", "perplexity", "tokens", "token_accuracy"
 """Names an eval set cannot take: `eval/<set>/...` would read as a metric's own key."""
 
 
+TASK_METRICS = {
+    "sequence_classification": ["loss", "accuracy", "precision", "recall", "f1", "examples"],
+    "token_classification": ["loss", "accuracy", "precision", "recall", "f1", "tokens"],
+    "causal_lm": ["loss", "perplexity", "tokens", "token_accuracy"],
+}
+"""What an eval logs per task (eval/<metric>): classifiers' precision / recall / F1 are macro over classes,
+a tagger's are entity-level (CoNLL, micro over entities) and its accuracy is over tagged words."""
+
+
 def metric_names(task: str, sets: Sequence[str] = (), *, pipeline: bool = False) -> list[str]:
     """The keys an eval logs for a task: the aggregate over every eval set, then each set's own
-    (`eval/<set>/<metric>`). Classifiers also log `eval/f1/<class>` for each class."""
-    if task == "sequence_classification":
-        metrics = ["loss", "accuracy", "precision", "recall", "f1", "examples"]
-    else:
-        metrics = ["loss", "perplexity", "tokens"] + ([] if pipeline else ["token_accuracy"])
+    (`eval/<set>/<metric>`). Classifiers also log `eval/f1/<class>` for each class, taggers for each
+    entity type."""
+    metrics = TASK_METRICS[task]
+    if pipeline:  # the pipeline's last stage computes the loss, not the predictions
+        metrics = [m for m in metrics if m != "token_accuracy"]
     return [f"eval/{m}" for m in metrics] + [f"eval/{s}/{m}" for s in sets for m in metrics]
+
+
+def entity_report(entities: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """Per entity type: precision, recall, F1 and support (true entities), from [true, predicted, correct]
+    counts, as seqeval's classification_report computes them."""
+    out = {}
+    for kind, (true, predicted, correct) in sorted(entities.items()):
+        precision = correct / predicted if predicted else 0.0
+        recall = correct / true if true else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[kind] = {"precision": precision, "recall": recall, "f1": f1, "support": true}
+    return out
+
+
+def entity_counts(true_tags: list[str], predicted_tags: list[str], counts: dict[str, list[int]]) -> None:
+    """Adds one sequence's entities (seqeval's chunking, the CoNLL definition) to `counts`: per type
+    [true, predicted, correct]."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    true, predicted = set(get_entities(true_tags)), set(get_entities(predicted_tags))
+    for kind, *_ in true | predicted:
+        counts.setdefault(kind, [0, 0, 0])
+    for chunk in true:
+        counts[chunk[0]][0] += 1
+    for chunk in predicted:
+        counts[chunk[0]][1] += 1
+        counts[chunk[0]][2] += chunk in true
 
 
 class EvalInterrupted(Exception):
@@ -106,15 +146,29 @@ class Tally:
     correct: int = 0
     """Targets whose argmax prediction is right (tokens for a causal LM)."""
     confusion: torch.Tensor | None = None
-    """[true, predicted] counts, classifiers only."""
+    """[true, predicted] counts of classes (classifiers) or tags (taggers)."""
+    entities: dict[str, list[int]] | None = None
+    """Taggers: per entity type, [true, predicted, correct] entity counts."""
 
     def add(self, other: Tally) -> Tally:
         confusion = None if self.confusion is None else self.confusion + other.confusion
-        return Tally(self.loss + other.loss, self.targets + other.targets, self.correct + other.correct, confusion)
+        entities = None
+        if self.entities is not None:
+            entities = {k: [a + b for a, b in zip(self.entities.get(k, [0, 0, 0]), other.entities.get(k, [0, 0, 0]))]
+                        for k in {*self.entities, *other.entities}}
+        return Tally(self.loss + other.loss, self.targets + other.targets, self.correct + other.correct, confusion,
+                     entities)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         loss = self.loss / max(self.targets, 1)
-        if self.confusion is not None:
+        if self.entities is not None:
+            true, predicted, correct = (sum(c[i] for c in self.entities.values()) for i in range(3))
+            precision = correct / predicted if predicted else 0.0
+            recall = correct / true if true else 0.0
+            out = {"loss": loss, "accuracy": self.correct / max(self.targets, 1), "precision": precision,
+                   "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                   "tokens": int(self.targets)}
+        elif self.confusion is not None:
             out = {"loss": loss, **classification_metrics(self.confusion), "examples": int(self.targets)}
         else:
             out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(self.targets),
@@ -130,8 +184,13 @@ def reduce_tallies(tallies: list[Tally]) -> list[Tally]:
     if tallies and tallies[0].confusion is not None:
         confusion = torch.stack([t.confusion for t in tallies])
         dist.all_reduce_tensor(confusion)
+    entities = [None] * len(tallies)
+    if tallies and tallies[0].entities is not None:  # entity types are not known in advance: gathered
+        gathered = dist.all_gather_object([t.entities for t in tallies])
+        entities = [functools.reduce(lambda a, b: Tally(entities=a).add(Tally(entities=b)).entities,
+                                     [rank[i] for rank in gathered]) for i in range(len(tallies))]
     return [Tally(flat[3 * i], round(flat[3 * i + 1]), round(flat[3 * i + 2]),
-                  None if confusion is None else confusion[i]) for i in range(len(tallies))]
+                  None if confusion is None else confusion[i], entities[i]) for i in range(len(tallies))]
 
 
 def set_metrics(names: Sequence[str], tallies: list[Tally], *, label_names: list[str] | None = None,
@@ -141,7 +200,14 @@ def set_metrics(names: Sequence[str], tallies: list[Tally], *, label_names: list
     the aggregate per-class report and confusion matrix (`class_report`)."""
     total = functools.reduce(Tally.add, tallies)
     out = total.metrics("eval/")
-    if total.confusion is not None:
+    if total.entities is not None:
+        n = total.confusion.shape[0]
+        per_type = entity_report(total.entities)
+        out.update({f"eval/f1/{kind}": row["f1"] for kind, row in per_type.items()})
+        if report is not None:
+            report.update({"classes": per_type, "confusion": total.confusion.tolist(),
+                           "labels": list(label_names or [str(i) for i in range(n)])})
+    elif total.confusion is not None:
         n = total.confusion.shape[0]
         per_class = class_report(total.confusion, label_names or [str(i) for i in range(n)])
         out.update({f"eval/f1/{name}": row["f1"] for name, row in per_class["classes"].items()})
@@ -153,7 +219,7 @@ def set_metrics(names: Sequence[str], tallies: list[Tally], *, label_names: list
 
 
 @torch.no_grad()
-def evaluate(model: Callable, sets: Sequence[tuple[str, Iterable[Batch]]], *, causal: bool, num_labels: int | None,
+def evaluate(model: Callable, sets: Sequence[tuple[str, Iterable[Batch]]], *, task: str, num_labels: int | None,
              device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None,
              stop_requested: Callable[[], bool] | None = None, label_names: list[str] | None = None,
              report: dict | None = None) -> dict[str, float]:
@@ -162,15 +228,17 @@ def evaluate(model: Callable, sets: Sequence[tuple[str, Iterable[Batch]]], *, ca
     batches runs `dummy`, which counts for nothing, until every rank is done with the set.
     `stop_requested` (a stop signal) is polled before every batch, in the same collective: an eval
     longer than a signal's lead time must not cost the save."""
-    tallies = [_tally(model, batches, causal=causal, num_labels=num_labels, device=device, dummy=dummy, head=head,
-                      stop_requested=stop_requested) for _, batches in sets]
+    tallies = [_tally(model, batches, task=task, num_labels=num_labels, device=device, dummy=dummy, head=head,
+                      stop_requested=stop_requested, label_names=label_names) for _, batches in sets]
     return set_metrics([name for name, _ in sets], reduce_tallies(tallies), label_names=label_names, report=report)
 
 
-def _tally(model: Callable, batches: Iterable[Batch], *, causal: bool, num_labels: int | None,
+def _tally(model: Callable, batches: Iterable[Batch], *, task: str, num_labels: int | None,
            device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None,
-           stop_requested: Callable[[], bool] | None) -> Tally:
-    tally = Tally(confusion=torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None)
+           stop_requested: Callable[[], bool] | None, label_names: list[str] | None) -> Tally:
+    tally = Tally(confusion=torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None,
+                  entities={} if task == "token_classification" else None)
+    names = label_names or [str(i) for i in range(num_labels or 0)]
     loss_sum = torch.zeros((), dtype=torch.float64)
     it = iter(batches)
     while True:
@@ -182,21 +250,24 @@ def _tally(model: Callable, batches: Iterable[Batch], *, causal: bool, num_label
         if flags == 0:
             break
         real = batch is not None
-        loss, logits = summed_loss(model, (batch if real else dummy).to(device), causal=causal, head=head)
+        loss, logits = summed_loss(model, (batch if real else dummy).to(device), task=task, head=head)
         if not real:
             continue
         loss_sum += loss.double().cpu()
         tally.targets += batch.num_targets
         pred = logits.argmax(-1).cpu()
         targets = batch.targets.cpu()
+        if head is not None:  # the logits are the trained positions' only
+            tally.correct += int((pred == targets[targets != IGNORE]).sum())
+            continue
+        tagged = targets != IGNORE
+        tally.correct += int((pred == targets)[tagged].sum())
         if tally.confusion is not None:
-            idx = targets * num_labels + pred
+            idx = targets[tagged] * num_labels + pred[tagged]
             tally.confusion += torch.bincount(idx, minlength=num_labels * num_labels).view(num_labels, num_labels)
-        else:
-            # With the trained-positions head the logits are already the trained positions only.
-            trained = targets[targets != IGNORE] if head is not None else targets
-            tally.correct += int((pred == trained).sum())
+        if tally.entities is not None:
+            for row_true, row_pred, row_tagged in zip(targets, pred, tagged):
+                entity_counts([names[i] for i in row_true[row_tagged]], [names[i] for i in row_pred[row_tagged]],
+                              tally.entities)
     tally.loss = float(loss_sum)
-    if tally.confusion is not None:
-        tally.correct = int(tally.confusion.diag().sum())
     return tally

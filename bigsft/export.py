@@ -113,11 +113,12 @@ def save_lora(peft_model, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
     import peft
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from bigsft.model import auto_class
+    from bigsft.model import PEFT_TASK_TYPES, auto_class
 
     unset_hf_deepspeed_config()  # the rebuild below must not be partitioned again
     base_config = copy.deepcopy(peft_model.get_base_model().config)
-    task = "sequence_classification" if peft_model.peft_config["default"].task_type == "SEQ_CLS" else "causal_lm"
+    peft_task = peft_model.peft_config["default"].task_type
+    task = next(t for t, name in PEFT_TASK_TYPES.items() if name == peft_task)
     with torch.device("meta"):
         rebuilt = peft.get_peft_model(auto_class(task).from_config(base_config),
                                       copy.deepcopy(peft_model.peft_config["default"]))

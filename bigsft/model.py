@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from bigsft.config import ConfigError, LoraConfig, ModelConfig, Task
+from bigsft.config import LABELED_TASKS, ConfigError, LoraConfig, ModelConfig, Task
 
 TASKS = typing.get_args(Task)
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -43,11 +43,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(module.__file__).resolve().parent / "model")
 
 
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
+                "token_classification": "AutoModelForTokenClassification",
+                "question_answering": "AutoModelForQuestionAnswering", "seq2seq_lm": "AutoModelForSeq2SeqLM"}
+"""The transformers auto class of each task."""
+
+
 def auto_class(task: str):
     """The transformers auto class that builds a model for `task`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    return {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}[task]
+    return getattr(transformers, AUTO_CLASSES[task])
 
 
 def load_hf_config(cfg: ModelConfig):
@@ -70,23 +76,24 @@ def load_hf_config(cfg: ModelConfig):
         raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r} as {where}: {first}") from None
 
 
+def _supported(task: str) -> dict:
+    from transformers.models.auto import modeling_auto
+
+    name = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQUENCE_CLASSIFICATION",
+            "token_classification": "TOKEN_CLASSIFICATION", "question_answering": "QUESTION_ANSWERING",
+            "seq2seq_lm": "SEQ_TO_SEQ_CAUSAL_LM"}[task]
+    return getattr(modeling_auto, f"MODEL_FOR_{name}_MAPPING_NAMES")
+
+
 def task_problems(hf_config, task: str, trust_remote_code: bool) -> list[str]:
     """Can transformers build `task` for this architecture?"""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    )
-
-    supported = {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                 "sequence_classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
-    auto_name = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification"}
     model_type = getattr(hf_config, "model_type", None)
-    if model_type in supported[task]:
+    if model_type in _supported(task):
         return []
-    if trust_remote_code and auto_name[task] in (getattr(hf_config, "auto_map", None) or {}):
+    if trust_remote_code and AUTO_CLASSES[task] in (getattr(hf_config, "auto_map", None) or {}):
         return []
-    other = [t for t in TASKS if t != task and model_type in supported[t]]
-    hint = f"; it supports model.task: {other[0]}" if other else ""
+    other = [t for t in TASKS if t != task and model_type in _supported(t)]
+    hint = f"; it supports model.task: {', '.join(other)}" if other else ""
     return [f"model.task: transformers has no {task} model for architecture {model_type!r}{hint}"]
 
 
@@ -128,8 +135,8 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.task == "sequence_classification":
-        n = cfg.num_labels or len(cfg.labels or [])
+    if cfg.task in LABELED_TASKS:
+        n = len(id2label) if id2label else cfg.num_labels or len(cfg.labels or [])
         labels = id2label or {i: f"LABEL_{i}" for i in range(n)}
         kwargs.update(num_labels=n, id2label=dict(labels), label2id={v: k for k, v in labels.items()})
     if cfg.config is not None:
@@ -248,11 +255,16 @@ def _on_cpu(params):
             p.data = data
 
 
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS",
+                   "question_answering": "QUESTION_ANS", "seq2seq_lm": "SEQ_2_SEQ_LM"}
+"""peft's task type of each task: it decides which head modules train beside the adapters."""
+
+
 def peft_config(lora: LoraConfig, task: str):
     import peft
 
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    return peft.LoraConfig(task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS", r=lora.r,
+    return peft.LoraConfig(task_type=PEFT_TASK_TYPES[task], r=lora.r,
                            lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
 
 

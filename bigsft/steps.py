@@ -22,6 +22,7 @@ import torch
 from bigsft import dist
 from bigsft.data.batching import Batch
 from bigsft.data.stream import dummy_batch
+from bigsft.evaluate import PER_TOKEN_TASKS
 from bigsft.optim import (
     grad_norm_of,
     initialize_engine,
@@ -79,7 +80,7 @@ class ZeroSteps:
 
         pre, cfg = prepared.pre, prepared.pre.cfg
         self.batch, self.zero_stage, self.lora = pre.batch, pre.zero_stage, cfg.model.lora
-        self.causal = cfg.model.task == "causal_lm"
+        self.task = cfg.model.task
         id2label = prepared.data.id2label
         self.num_labels = len(id2label) if id2label else None
         self.label_names = list(id2label.values()) if id2label else None
@@ -87,12 +88,12 @@ class ZeroSteps:
         # live as long as the engine.
         self._hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
         model = build_model(cfg.model, pre.hf_config, tokenizer=prepared.tokenizer, id2label=id2label, seed=cfg.train.seed)
-        self.head = trained_positions_head(model, pre.hf_config) if self.causal else None
+        self.head = trained_positions_head(model, pre.hf_config) if self.task == "causal_lm" else None
         self.parameters = count_parameters(model)
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
                                         offload=pre.offload_optimizer != "none")
         self.device = get_accelerator().current_device_name()
-        self.dummy = dummy_batch(causal=self.causal, pad_id=prepared.tokenizer.pad_token_id)
+        self.dummy = dummy_batch(per_token=self.task in PER_TOKEN_TASKS, pad_id=prepared.tokenizer.pad_token_id)
         # ZeRO-0 keeps no usable norm in fp32 (none) or fp16 (a loss-scaled one): measure it here.
         self.own_grad_norm = pre.zero_stage == 0 and cfg.model.dtype in ("fp32", "fp16")
         self.caller_scales = scaled_by_caller(self.engine)
@@ -124,13 +125,13 @@ class ZeroSteps:
     def forward(self, micro: Batch):
         from bigsft.evaluate import summed_loss
 
-        return summed_loss(self.engine, micro.to(self.device), causal=self.causal, head=self.head)
+        return summed_loss(self.engine, micro.to(self.device), task=self.task, head=self.head)
 
     def evaluate(self, sets: list[tuple[str, Iterable[Batch]]], stop_requested: Callable[[], bool],
                  report: dict | None = None) -> dict[str, float]:
         from bigsft.evaluate import evaluate
 
-        return evaluate(self.engine, sets, causal=self.causal, num_labels=self.num_labels, device=self.device,
+        return evaluate(self.engine, sets, task=self.task, num_labels=self.num_labels, device=self.device,
                         dummy=self.dummy, head=self.head, stop_requested=stop_requested,
                         label_names=self.label_names, report=report)
 
@@ -173,7 +174,7 @@ class PipelineSteps:
                                   data_parallel_size=self.batch.data_parallel_size)
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
                                         offload=pre.offload_optimizer != "none", zero0=zero0)
-        self.dummy = dummy_batch(causal=True, pad_id=prepared.tokenizer.pad_token_id)
+        self.dummy = dummy_batch(per_token=True, pad_id=prepared.tokenizer.pad_token_id)
 
     def train_step(self, window: list[Batch], counts: WindowCounts) -> StepResult:
         from bigsft import pipe

@@ -15,7 +15,7 @@ from bigsft.batch_math import BatchMath
 from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
 from bigsft.data.formats import CONVERSATION_FORMATS
-from bigsft.data.scan import SplitStats, label_names, scan
+from bigsft.data.scan import SplitStats, label_names, scan, tag_names
 from bigsft.data.sources import Holdout, count_records, holdout_threshold
 from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_names, source_streams
 from bigsft.data.tokenize import SampleBuilder, keep_chat_template
@@ -48,6 +48,18 @@ def classification_labels(data: DataConfig, model: ModelConfig) -> dict[int, str
     return dict(enumerate(names)) if names else {i: f"LABEL_{i}" for i in range(n)}
 
 
+def tagging_labels(data: DataConfig, model: ModelConfig) -> dict[int, str]:
+    names = tag_names(data.train, model.labels)
+    n = model.num_labels or len(names or [])
+    if names is None and not n:
+        raise ConfigError("model.num_labels: required for token_classification when the tags are ids (or list the tag "
+                          "names in id order in model.labels)")
+    if names is not None and len(names) != n:
+        raise ConfigError(f"data.train: the tags are {names} ({len(names)}) but model.num_labels is {n}; list the "
+                          "names in id order in model.labels")
+    return dict(enumerate(names)) if names else {i: f"LABEL_{i}" for i in range(n)}
+
+
 def source_weights(sources: list[DataSource]) -> list[float]:
     """Configured weights, or (none configured) each source's number of records."""
     if len(sources) == 1:
@@ -58,18 +70,22 @@ def source_weights(sources: list[DataSource]) -> list[float]:
 
 
 def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
-    id2label = classification_labels(data, model) if model.task == "sequence_classification" else None
+    id2label = None
+    if model.task == "sequence_classification":
+        id2label = classification_labels(data, model)
+    elif model.task == "token_classification":
+        id2label = tagging_labels(data, model)
     build = SampleBuilder(
         tokenizer, max_length=data.max_length, system_prompt=data.system_prompt, chat_template=data.chat_template,
         train_on=data.train_on, truncation=data.truncation,
         label2id={v: k for k, v in id2label.items()} if id2label else None,
-        num_labels=len(id2label) if id2label else None,
+        num_labels=len(id2label) if id2label else None, subtoken_labels=data.subtoken_labels,
     )
     if model.task == "causal_lm" and any(s.format in CONVERSATION_FORMATS for s in data.train):
         keep_chat_template(tokenizer, build)
     scanned = {"train": scan(data.train, "train", build, data.max_bad_fraction)}
     if data.eval:
-        scanned["eval"] = scan(data.eval, "eval", build, data.max_bad_fraction)
+        scanned["eval"] = scan(data.eval, "eval", build.for_eval(), data.max_bad_fraction)
     thresholds = None
     if data.validation is not None:
         thresholds = [holdout_threshold(s, f"data.train[{i}]", data.validation) for i, s in enumerate(data.train)]
@@ -126,10 +142,10 @@ def eval_sets(data: DataConfig, run_data: RunData, stats: SplitStats, *, batch: 
                             packer=Packer(data.max_length) if data.packing else None)
 
     share = {"dp_rank": dp_rank, "dp_size": batch.data_parallel_size, "train": False, "buffer_size": 128, "seed": 0}
-    sets = [[stream] for stream in source_streams(data.eval, "eval", run_data.build, stats, **share)]
+    build = run_data.build.for_eval()
+    sets = [[stream] for stream in source_streams(data.eval, "eval", build, stats, **share)]
     if data.validation is not None:
-        sets.append(source_streams(data.train, "train", run_data.build, stats, holdouts=run_data.holdouts("validation"),
-                                   **share))
+        sets.append(source_streams(data.train, "train", build, stats, holdouts=run_data.holdouts("validation"), **share))
     return [(name, once(streams)) for name, streams in zip(eval_set_names(data), sets, strict=True)]
 
 

@@ -52,7 +52,15 @@ class Labeled:
     label: int | str
 
 
-Example = Conversation | Completion | PlainText | Labeled
+@dataclass(frozen=True)
+class TaggedTokens:
+    """Token classification: words and one tag per word (a name like "B-PER", or an id)."""
+
+    tokens: list[str]
+    tags: list[str] | list[int]
+
+
+Example = Conversation | Completion | PlainText | Labeled | TaggedTokens
 
 CONVERSATION_FORMATS = ("alpaca", "messages", "sharegpt")
 """Formats read as a Conversation: rendered with a chat template, which the exported tokenizer then carries."""

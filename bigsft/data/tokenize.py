@@ -12,6 +12,7 @@ assistant turn, so any template that renders earlier turns the same way once lat
 
 from __future__ import annotations
 
+import copy
 import json
 import typing
 from collections.abc import Mapping
@@ -20,7 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from bigsft.config import TrainOn
-from bigsft.data.formats import BadRecordError, Completion, Conversation, Example, Labeled, PlainText
+from bigsft.data.formats import (
+    BadRecordError,
+    Completion,
+    Conversation,
+    Example,
+    Labeled,
+    PlainText,
+    TaggedTokens,
+)
 
 IGNORE = -100
 TRAIN_ON = typing.get_args(TrainOn)
@@ -85,7 +94,8 @@ class SampleBuilder:
 
     def __init__(self, tokenizer, *, max_length: int, system_prompt: str | None = None,
                  chat_template: str | None = None, train_on: str = "assistant", truncation: str = "truncate",
-                 label2id: Mapping[str, int] | None = None, num_labels: int | None = None):
+                 label2id: Mapping[str, int] | None = None, num_labels: int | None = None,
+                 subtoken_labels: str = "first"):
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}")
         self.tok = tokenizer
@@ -96,6 +106,19 @@ class SampleBuilder:
         self.truncation = truncation
         self.label2id = dict(label2id or {})
         self.num_labels = num_labels
+        self.subtoken_labels = subtoken_labels
+        # subtoken_labels "all": a word's later sub-tokens continue its entity (B-X -> I-X, when I-X is a tag).
+        names = {v: k for k, v in self.label2id.items()}
+        self.continuation = {i: self.label2id.get("I-" + names[i][2:], i) if names[i].startswith("B-") else i
+                             for i in names}
+
+    def for_eval(self) -> SampleBuilder:
+        """The builder of eval samples: tagging scores each word at its first sub-token only."""
+        if self.subtoken_labels == "first":
+            return self
+        other = copy.copy(self)
+        other.subtoken_labels = "first"
+        return other
 
     def __call__(self, example: Example) -> Sample:
         out = self.build_many([example])[0]
@@ -134,6 +157,8 @@ class SampleBuilder:
             return self._causal(ids, [True] * len(ids))
         if isinstance(example, Labeled):
             return self._labeled(example)
+        if isinstance(example, TaggedTokens):
+            return self._tagged(example)
         raise TypeError(f"unknown example type {type(example).__name__}")
 
     # -- causal LM ----------------------------------------------------------------------------------
@@ -286,6 +311,51 @@ class SampleBuilder:
         if truncated and self.truncation == "drop":
             raise BadRecordError(f"longer than data.max_length={self.max_length} (data.truncation: drop)")
         return Sample(enc["input_ids"], label, enc.get("token_type_ids"), truncated=truncated)
+
+
+    # -- token classification -----------------------------------------------------------------------
+
+    def _tag_ids(self, tags: list[str] | list[int]) -> list[int]:
+        ids = []
+        for tag in tags:
+            if isinstance(tag, str):
+                if tag not in self.label2id:
+                    raise BadRecordError(f"unknown tag {tag!r} (known: {', '.join(self.label2id)})")
+                ids.append(self.label2id[tag])
+            else:
+                if self.num_labels is not None and not 0 <= tag < self.num_labels:
+                    raise BadRecordError(f"tag {tag} outside 0..{self.num_labels - 1}")
+                ids.append(tag)
+        return ids
+
+    def _tagged(self, ex: TaggedTokens) -> Sample:
+        """Words -> sub-tokens; a word's tag on its first sub-token (and, with subtoken_labels: all, on the rest as
+        its continuation); special tokens and the other sub-tokens get no loss."""
+        tags = self._tag_ids(ex.tags)
+        word_ids, input_ids, token_type_ids = self._split_words(ex.tokens)
+        full = len(input_ids)
+        if full > self.max_length:
+            if self.truncation == "drop":
+                raise BadRecordError(f"longer than data.max_length={self.max_length} (data.truncation: drop)")
+            word_ids, input_ids, token_type_ids = self._split_words(ex.tokens, truncate=True)
+        targets, previous = [], None
+        for word in word_ids:
+            if word is None:
+                targets.append(IGNORE)
+            elif word != previous:
+                targets.append(tags[word])
+            else:
+                targets.append(self.continuation.get(tags[word], tags[word]) if self.subtoken_labels == "all" else IGNORE)
+            previous = word
+        if all(t == IGNORE for t in targets):
+            raise BadRecordError("no word fits data.max_length" if full > self.max_length else "no tagged word")
+        return Sample(input_ids, targets, token_type_ids, truncated=full > self.max_length)
+
+    def _split_words(self, words: list[str], truncate: bool = False):
+        enc = self.tok(words, is_split_into_words=True, truncation=truncate, max_length=self.max_length if truncate else None)
+        if not getattr(self.tok, "is_fast", False):
+            raise BadRecordError("token_classification needs a fast tokenizer (word ids)")
+        return enc.word_ids(), enc["input_ids"], enc.get("token_type_ids")
 
 
 def keep_chat_template(tokenizer, build: SampleBuilder) -> None:

@@ -38,8 +38,8 @@ def _f1_of_export(final, sst2: str) -> float:
     run_data = setup_data(data, ModelConfig(name_or_path=str(final), task="sequence_classification", num_labels=2), tok)
     sets = eval_sets(data, run_data, SplitStats(), dp_rank=0, pad_id=tok.pad_token_id,
                      batch=BatchMath(micro_batch_size=16, gradient_accumulation_steps=1, data_parallel_size=1))
-    return evaluate(model, sets, causal=False, num_labels=2, device="cpu",
-                    dummy=dummy_batch(causal=False, pad_id=tok.pad_token_id))["eval/f1"]
+    return evaluate(model, sets, task="sequence_classification", num_labels=2, device="cpu",
+                    dummy=dummy_batch(per_token=False, pad_id=tok.pad_token_id))["eval/f1"]
 
 
 def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, shared_data):

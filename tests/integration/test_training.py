@@ -154,8 +154,8 @@ def reload_eval_metrics(config: Path, final: Path, overrides: tuple[str, ...] = 
     plan = setup_data(cfg.data, cfg.model, tok)
     one_rank = BatchMath(micro_batch_size=5, gradient_accumulation_steps=1, data_parallel_size=1)
     sets = eval_sets(cfg.data, plan, SplitStats(), batch=one_rank, dp_rank=0, pad_id=tok.pad_token_id)
-    return evaluate(model, sets, causal=True, num_labels=None, device="cpu",
-                    dummy=dummy_batch(causal=True, pad_id=tok.pad_token_id))
+    return evaluate(model, sets, task="causal_lm", num_labels=None, device="cpu",
+                    dummy=dummy_batch(per_token=True, pad_id=tok.pad_token_id))
 
 
 def test_run_directory_contract(zero0_run, parity_config):

@@ -48,7 +48,7 @@ class Echo(torch.nn.Module):
 def test_summed_loss_ignores_padding_targets():
     batch = Batch({"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])},
                   torch.tensor([[1, 2, -100]]), 2, 2)
-    loss, _ = summed_loss(Echo(4), batch, causal=True)
+    loss, _ = summed_loss(Echo(4), batch, task="causal_lm")
     per_token = -torch.log_softmax(torch.tensor([3.0, 0, 0, 0]), 0)[0]
     assert loss.item() == pytest.approx(2 * per_token.item(), rel=1e-6)
 
@@ -60,10 +60,10 @@ def test_evaluate_single_process_classification():
     def model(input_ids, attention_mask=None):
         return type("Out", (), {"logits": torch.nn.functional.one_hot(input_ids[:, 0], 2).float()})()
 
-    m = evaluate(model, [("dev", [batch])], causal=False, num_labels=2, device="cpu", dummy=batch)
+    m = evaluate(model, [("dev", [batch])], task="sequence_classification", num_labels=2, device="cpu", dummy=batch)
     assert m["eval/accuracy"] == pytest.approx(2 / 3) and m["eval/examples"] == 3
     report = {}
-    m = evaluate(model, [("dev", [batch])], causal=False, num_labels=2, device="cpu", dummy=batch, label_names=["neg", "pos"],
+    m = evaluate(model, [("dev", [batch])], task="sequence_classification", num_labels=2, device="cpu", dummy=batch, label_names=["neg", "pos"],
                  report=report)
     # predicted [0, 1, 1] for true [0, 1, 0]: neg precision 1, recall 1/2; pos precision 1/2, recall 1
     assert m["eval/f1/neg"] == pytest.approx(2 / 3) and m["eval/f1/pos"] == pytest.approx(2 / 3)
@@ -100,7 +100,7 @@ def test_causal_token_accuracy_counts_trained_tokens_only():
     # Echo predicts token t at position t: right where the target repeats the input, whatever the padding.
     batch = Batch({"input_ids": torch.tensor([[1, 2, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])},
                   torch.tensor([[1, 3, 3, -100]]), 3, 3)
-    m = evaluate(Echo(4), [("x", [batch])], causal=True, num_labels=None, device="cpu", dummy=batch)
+    m = evaluate(Echo(4), [("x", [batch])], task="causal_lm", num_labels=None, device="cpu", dummy=batch)
     assert m["eval/token_accuracy"] == pytest.approx(2 / 3) and m["eval/x/token_accuracy"] == pytest.approx(2 / 3)
     assert m["eval/tokens"] == 3
 
@@ -138,7 +138,7 @@ def test_head_on_trained_positions_only_changes_nothing_but_the_work(family):
 
     def loss_and_grads(head):
         model.zero_grad()
-        loss, logits = summed_loss(model, batch, causal=True, head=head)
+        loss, logits = summed_loss(model, batch, task="causal_lm", head=head)
         loss.backward()
         return loss.item(), logits.shape, [p.grad.clone() for p in model.parameters()]
 
@@ -151,7 +151,7 @@ def test_head_on_trained_positions_only_changes_nothing_but_the_work(family):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert model(input_ids=ids).logits.shape == (3, 20, 400)  # outside training the model is stock
     nothing = Batch(batch.inputs, torch.full_like(targets, -100), 0, 60)
-    assert summed_loss(model, nothing, causal=True, head=head)[0].item() == 0.0
+    assert summed_loss(model, nothing, task="causal_lm", head=head)[0].item() == 0.0
 
 
 def test_head_selection_only_for_families_whose_logits_are_the_head():
@@ -193,3 +193,45 @@ def test_eval_set_names_come_from_names_or_files_and_never_read_as_metrics():
                       eval=[source("data/dev.jsonl"), source("other/dev.json.gz"), source("x.jsonl", name="loss"),
                             source("y.jsonl", name="validation")])
     assert eval_set_names(data) == ["dev", "dev_1", "loss_set", "validation", "validation_2"]
+
+
+def test_tagging_metrics_are_seqevals_entity_level_scores():
+    """Entity precision / recall / F1 and the per-type report equal seqeval's on fixed predictions, including
+    its CoNLL chunking of an I- tag that starts an entity; token accuracy counts tagged words."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    names = ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    true = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG", "I-ORG", "O"], ["B-LOC", "O"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["O", "I-ORG", "I-ORG", "I-ORG", "B-PER"], ["B-LOC", "O"]]
+    ids = {n: i for i, n in enumerate(names)}
+    longest = max(map(len, true)) + 2  # a special token before each sentence, padding after
+
+    def rows(seqs):
+        out = torch.full((len(seqs), longest), -100, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            out[i, 1 : 1 + len(seq)] = torch.tensor([ids[t] for t in seq])
+        return out
+
+    targets, predicted = rows(true), rows(pred)
+
+    def model(input_ids, attention_mask=None):  # logits whose argmax is the scripted prediction
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(predicted.clamp(min=0), len(names)).float()})()
+
+    batch = Batch({"input_ids": torch.zeros_like(targets), "attention_mask": torch.ones_like(targets)}, targets,
+                  int((targets != -100).sum()), targets.numel())
+    report = {}
+    m = evaluate(model, [("dev", [batch])], task="token_classification", num_labels=len(names), device="cpu",
+                 dummy=batch, label_names=names, report=report)
+    assert m["eval/precision"] == pytest.approx(precision_score(true, pred))
+    assert m["eval/recall"] == pytest.approx(recall_score(true, pred))
+    assert m["eval/f1"] == pytest.approx(f1_score(true, pred))
+    reference = classification_report(true, pred, output_dict=True)
+    for kind in ("LOC", "ORG", "PER"):
+        row = reference[kind]
+        assert report["classes"][kind] == pytest.approx(
+            {"precision": row["precision"], "recall": row["recall"], "f1": row["f1-score"], "support": row["support"]})
+        assert m[f"eval/f1/{kind}"] == pytest.approx(row["f1-score"])
+    words = sum(map(len, true))
+    agree = sum(a == b for t, p in zip(true, pred) for a, b in zip(t, p))
+    assert m["eval/accuracy"] == pytest.approx(agree / words) and m["eval/tokens"] == words
+    assert report["labels"] == names and sum(map(sum, report["confusion"])) == words

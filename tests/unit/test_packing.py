@@ -38,9 +38,9 @@ def test_packed_loss_equals_samples_one_by_one(samples, arch):
     rows = [r for s in items for r in packer.add(s)] + packer.flush()
     assert any(len(r) >= 3 for r in rows)  # rows really hold several samples
     with torch.no_grad():
-        packed = sum(summed_loss(model, collate_packed(rows, pad_id=tok.pad_token_id), causal=True)[0].item()
+        packed = sum(summed_loss(model, collate_packed(rows, pad_id=tok.pad_token_id), task="causal_lm")[0].item()
                      for _ in [0])
-        alone = sum(summed_loss(model, collate([s], pad_id=tok.pad_token_id), causal=True)[0].item() for s in items)
+        alone = sum(summed_loss(model, collate([s], pad_id=tok.pad_token_id), task="causal_lm")[0].item() for s in items)
     tokens = sum(s.num_targets for s in items)
     assert packed / tokens == pytest.approx(alone / tokens, abs=1e-5)
 
@@ -48,7 +48,7 @@ def test_packed_loss_equals_samples_one_by_one(samples, arch):
 def _grads(model, batches, total_targets):
     model.zero_grad()
     for b in batches:
-        (summed_loss(model, b, causal=True)[0] / total_targets).backward()
+        (summed_loss(model, b, task="causal_lm")[0] / total_targets).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 

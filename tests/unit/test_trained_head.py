@@ -41,7 +41,7 @@ def loss_and_grads(model, batches, head=None) -> tuple[float, list[torch.Tensor]
     model.zero_grad()
     total = 0.0
     for batch in batches:
-        loss, logits = summed_loss(model, batch, causal=True, head=head)
+        loss, logits = summed_loss(model, batch, task="causal_lm", head=head)
         loss.backward()
         total += loss.item()
         if head is not None:
