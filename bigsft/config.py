@@ -34,7 +34,8 @@ Task = Literal["causal_lm", "sequence_classification", "token_classification", "
 LABELED_TASKS = ("sequence_classification", "token_classification")
 """Tasks with a label set (model.labels / model.num_labels, id2label in the export)."""
 TrainOn = Literal["assistant", "last_assistant", "all"]
-DataFormat = Literal["alpaca", "prompt_completion", "classification", "messages", "sharegpt", "text"]
+DataFormat = Literal["alpaca", "prompt_completion", "classification", "messages", "sharegpt", "text", "conll", "tokens",
+                     "squad", "seq2seq"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,11 @@ class DataSource:
     """Split of a hub dataset (`path: org/name`); `train` when unset."""
     name: str | None = None
     """Name in logs (the realized mixture); defaults to the file name."""
+    target_path: str | list[str] | None = None
+    """format seq2seq from two line-aligned plain-text files: `path` holds the source texts, this file the
+    targets (line i of one is the target of line i of the other). A list, parallel to `path`, when `path` is one."""
+    prefix: str | None = None
+    """format seq2seq: text put before every source, e.g. `"translate English to German: "` (T5-style tasks)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -684,6 +690,44 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     return errors
 
 
+TASK_FORMATS = {
+    "sequence_classification": ("classification",),
+    "token_classification": ("conll", "tokens"),
+    "question_answering": ("squad",),
+    "seq2seq_lm": ("seq2seq",),
+}
+"""The formats each task other than causal_lm reads; causal_lm reads every format not listed here."""
+
+_RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def _format_problems(src: DataSource, where: str, task: str) -> list[str]:
+    errors = []
+    fmt = src.format
+    owner = next((t for t, formats in TASK_FORMATS.items() if fmt in formats), "causal_lm")
+    if task in TASK_FORMATS and fmt not in TASK_FORMATS[task]:
+        errors.append(f"{where}.format: {fmt!r} cannot train task {task}; use format: "
+                      + " or ".join(TASK_FORMATS[task]))
+    elif owner != task:
+        errors.append(f"{where}.format: {fmt!r} needs model.task: {owner}")
+    if src.prefix is not None and fmt != "seq2seq":
+        errors.append(f"{where}.prefix: only for format seq2seq (got format {fmt!r})")
+    if src.target_path is not None:
+        paths = src.path if isinstance(src.path, list) else [src.path]
+        targets = src.target_path if isinstance(src.target_path, list) else [src.target_path]
+        records = [p for p in paths + targets
+                   if os.path.splitext(p.removesuffix(".gz").removesuffix(".zst"))[1].lower() in _RECORD_SUFFIXES]
+        if fmt != "seq2seq":
+            errors.append(f"{where}.target_path: only for format seq2seq (got format {fmt!r})")
+        elif records:
+            errors.append(f"{where}.target_path: pairs two plain-text files line by line, but {records[0]!r} is a "
+                          "file of records; drop target_path and give the records source and target fields")
+        elif isinstance(src.path, list) != isinstance(src.target_path, list) or len(paths) != len(targets):
+            errors.append(f"{where}.target_path: {len(targets)} target file(s) for {len(paths)} source file(s); "
+                          "give one target file per source file, a list when path is a list")
+    return errors
+
+
 def _data_problems(cfg: RunConfig) -> list[str]:
     errors = []
     m, d = cfg.model, cfg.data
@@ -693,16 +737,7 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         for i, src in enumerate(getattr(d, split)):
             if src is None:
                 continue
-            cls_fmt = src.format == "classification"
-            if m.task == "sequence_classification" and not cls_fmt:
-                errors.append(
-                    f"data.{split}[{i}].format: {src.format!r} cannot train task sequence_classification;"
-                    " use format: classification"
-                )
-            if m.task == "causal_lm" and cls_fmt:
-                errors.append(
-                    f"data.{split}[{i}].format: 'classification' needs model.task: sequence_classification"
-                )
+            errors += _format_problems(src, f"data.{split}[{i}]", m.task)
             if src.weight is not None and src.weight <= 0:
                 errors.append(f"data.{split}[{i}].weight: {src.weight}; must be > 0")
     if d.max_length < 8:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from bigsft import dist
 from bigsft.config import ConfigError, DataConfig, GenerateConfig
-from bigsft.data.formats import PARSERS, BadRecordError
+from bigsft.data.formats import BadRecordError, parser_for
 from bigsft.data.sources import EPOCH_END, BadRecord, SourceReader, list_files
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
@@ -52,7 +52,7 @@ def generation_prompts(data: DataConfig, run_data, samples: int) -> list[Generat
                 if item is EPOCH_END or isinstance(item, BadRecord):
                     continue
                 try:
-                    example = PARSERS[source.format](item.fields, source.columns)
+                    example = parser_for(source)(item.fields, source.columns)
                     ids, reference = run_data.build.generation_prompt(example)
                 except BadRecordError:
                     continue

@@ -6,6 +6,7 @@ counts reasons and reports the first few with their `file:line`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,7 +61,27 @@ class TaggedTokens:
     tags: list[str] | list[int]
 
 
-Example = Conversation | Completion | PlainText | Labeled | TaggedTokens
+@dataclass(frozen=True)
+class Extractive:
+    """Extractive QA: a question about a context; answers as (text, character start) in the context; none:
+    unanswerable."""
+
+    context: str
+    question: str
+    answers: tuple[tuple[str, int], ...]
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Text to text (translation, summarization): the model reads `source` (task prefix already prepended) and
+    learns `target`."""
+
+    source: str
+    target: str
+
+
+Example = Conversation | Completion | PlainText | Labeled | TaggedTokens | Extractive | Pair
 
 CONVERSATION_FORMATS = ("alpaca", "messages", "sharegpt")
 """Formats read as a Conversation: rendered with a chat template, which the exported tokenizer then carries."""
@@ -296,11 +317,108 @@ def parse_classification(record: Mapping[str, Any], columns: Mapping[str, str]) 
     return Labeled(text, pair, label)
 
 
-PARSERS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str]], Example]] = {
+def parse_tagged(record: Mapping[str, Any], columns: Mapping[str, str]) -> TaggedTokens:
+    """`tokens` and one tag per token (`conll` sentences come as the same two fields)."""
+    tokens = _field(record, columns, "tokens", kind=list)
+    tags = _field(record, columns, "tags", kind=list)
+    if not tokens:
+        raise BadRecordError("no tokens")
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise BadRecordError(f"token {i} is {type(token).__name__}, not text")
+        if not token.strip():
+            raise BadRecordError(f"token {i} is empty")
+    if len(tags) != len(tokens):
+        raise BadRecordError(f"{len(tags)} tags for {len(tokens)} tokens")
+    if all(isinstance(t, str) for t in tags):
+        if not all(t.strip() for t in tags):
+            raise BadRecordError("empty tag")
+        return TaggedTokens(list(tokens), [t.strip() for t in tags])
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in tags):
+        if min(tags) < 0:
+            raise BadRecordError(f"negative tag id {min(tags)}")
+        return TaggedTokens(list(tokens), list(tags))
+    raise BadRecordError("mixed tag kinds (tags should be all names or all integer ids)")
+
+
+ANSWER_SHIFTS = (0, -1, 1, -2, 2)
+"""Character shifts tried when an answer is not where `answer_start` says: real data sets (CMRC, some SQuAD
+conversions) count a character or two differently, e.g. around whitespace or a BOM."""
+
+
+def _answer_spans(raw: Any) -> list[tuple[Any, Any]]:
+    """(text, answer_start) pairs from HF's {text: [...], answer_start: [...]} or a list of {text, answer_start}."""
+    if isinstance(raw, Mapping):
+        texts, starts = raw.get("text", []), raw.get("answer_start", [])
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            raise BadRecordError("answers should have as many text as answer_start entries")
+        return list(zip(texts, starts))
+    if not all(isinstance(a, Mapping) for a in raw):
+        raise BadRecordError("answers should be objects with text and answer_start")
+    return [(a.get("text"), a.get("answer_start")) for a in raw]
+
+
+def _locate(context: str, text: Any, start: Any) -> tuple[str, int]:
+    if not isinstance(text, str) or not text.strip():
+        raise BadRecordError("an answer has no text")
+    if isinstance(start, str) and start.strip().isdigit():
+        start = int(start)
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise BadRecordError(f"answer {text!r} has no integer answer_start")
+    stripped, lead = text.strip(), len(text) - len(text.lstrip())
+    for shift in ANSWER_SHIFTS:
+        at = start + lead + shift
+        if at >= 0 and context[at:at + len(stripped)] == stripped:
+            return stripped, at
+    raise BadRecordError(f"answer {text!r} is not at character {start} of the context")
+
+
+def parse_extractive(record: Mapping[str, Any], columns: Mapping[str, str]) -> Extractive:
+    """A question, its context and the answer spans. With `is_impossible` true there are no answers (SQuAD
+    v2); without the field, no answers means unanswerable too (HF squad_v2), while a question marked
+    answerable (every SQuAD v1.1 question) must have one."""
+    context = _nonempty(_field(record, columns, "context"), "context")
+    question = _nonempty(_field(record, columns, "question"), "question")
+    qid = _field(record, columns, "id", required=False, kind=(str, int))
+    impossible = record.get(columns.get("is_impossible", "is_impossible"))
+    if impossible is not None and not isinstance(impossible, bool):
+        raise BadRecordError(f"is_impossible should be true or false, got {impossible!r}")
+    qid = None if qid is None else str(qid)
+    if impossible:
+        return Extractive(context, question, (), qid)
+    spans = _answer_spans(_field(record, columns, "answers", required=False, kind=(list, dict)) or [])
+    answers = tuple(dict.fromkeys(_locate(context, text, start) for text, start in spans))
+    if not answers and impossible is False:
+        raise BadRecordError("no answers for an answerable question")
+    return Extractive(context, question, answers, qid)
+
+
+def parse_seq2seq(record: Mapping[str, Any], columns: Mapping[str, str], *, prefix: str = "") -> Pair:
+    """`source` (with the source's `prefix` in front) and the `target` the model learns to write."""
+    source = _nonempty(_field(record, columns, "source"), "source")
+    target = _nonempty(_field(record, columns, "target"), "target")
+    return Pair(prefix + source, target)
+
+
+Parser = Callable[[Mapping[str, Any], Mapping[str, str]], Example]
+
+PARSERS: dict[str, Parser] = {
     "alpaca": parse_alpaca,
     "messages": parse_messages,
     "sharegpt": parse_sharegpt,
     "prompt_completion": parse_prompt_completion,
     "text": parse_text,
     "classification": parse_classification,
+    "conll": parse_tagged,
+    "tokens": parse_tagged,
+    "squad": parse_extractive,
+    "seq2seq": parse_seq2seq,
 }
+
+
+def parser_for(source) -> Parser:
+    """The parser of a `DataSource`, with its per-source options bound (a seq2seq `prefix`); called like the
+    entries of PARSERS, as (record fields, columns)."""
+    if source.format == "seq2seq" and source.prefix:
+        return functools.partial(parse_seq2seq, prefix=source.prefix)
+    return PARSERS[source.format]

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from bigsft.config import ConfigError, DataSource
-from bigsft.data.formats import PARSERS, BadRecordError, Example, Labeled
+from bigsft.data.formats import BadRecordError, Example, Labeled, TaggedTokens, parser_for
 from bigsft.data.sources import BadRecord, read_source
 from bigsft.data.tokenize import Sample
 
@@ -94,7 +94,7 @@ def read_examples(sources: Sequence[DataSource], split: str, stats: SplitStats,
     for i, source in enumerate(sources):
         items = list(itertools.islice(read_source(source, f"data.{split}[{i}]"), limit))
         stats.records += len(items)
-        examples += zip(*parse_records(items, PARSERS[source.format], source.columns, stats), strict=True)
+        examples += zip(*parse_records(items, parser_for(source), source.columns, stats), strict=True)
     return examples
 
 
@@ -125,19 +125,56 @@ def scan(sources: Sequence[DataSource], split: str, build: Callable[[Example], S
     return stats
 
 
-def label_names(sources: Sequence[DataSource], configured: Sequence[str] | None) -> list[str] | None:
-    """Class names in id order: the configured ones, else the sorted names found in the data."""
-    if configured:
-        return list(configured)
-    names: set[str] = set()
+def _parsed(sources: Sequence[DataSource]) -> Iterable[Example]:
+    """Every training example that parses (bad records are the scan's and the stream's to report)."""
     for i, source in enumerate(sources):
+        parse = parser_for(source)
         for item in read_source(source, f"data.train[{i}]"):
             if isinstance(item, BadRecord):
                 continue
             try:
-                example = PARSERS[source.format](item.fields, source.columns)
+                yield parse(item.fields, source.columns)
             except BadRecordError:
                 continue
-            if isinstance(example, Labeled) and isinstance(example.label, str):
-                names.add(example.label)
+
+
+def label_names(sources: Sequence[DataSource], configured: Sequence[str] | None) -> list[str] | None:
+    """Class names in id order: the configured ones, else the sorted names found in the data."""
+    if configured:
+        return list(configured)
+    names = {e.label for e in _parsed(sources) if isinstance(e, Labeled) and isinstance(e.label, str)}
     return sorted(names) if names else None
+
+
+_TAG_PREFIXES = {"B": 0, "I": 1, "E": 2, "L": 2, "S": 3, "U": 3}
+"""BIO / BIOES / BILOU position markers, in the order a tag set lists them."""
+
+
+def _tag_order(tag: str) -> tuple:
+    prefix, sep, entity = tag.partition("-")
+    if tag == "O":
+        return (0, "", 0)
+    if sep and prefix in _TAG_PREFIXES:
+        return (1, entity, _TAG_PREFIXES[prefix])
+    return (1, tag, -1)  # a tag without a position marker (IO scheme): before its B-/I- relatives, if any
+
+
+def tag_names(sources: Sequence[DataSource], configured: Sequence[str] | None) -> list[str] | None:
+    """Tag names in id order for token classification: the configured ones, else every tag name in the
+    training sources, "O" first, then by entity type with B- before I- (O, B-LOC, I-LOC, B-ORG, ...).
+    None when the data gives tags as integer ids."""
+    if configured:
+        return list(configured)
+    names: set[str] = set()
+    ids = False
+    for example in _parsed(sources):
+        if isinstance(example, TaggedTokens):
+            for tag in example.tags:
+                if isinstance(tag, str):
+                    names.add(tag)
+                else:
+                    ids = True
+    if names and ids:
+        raise ConfigError("data.train: some sources give tags as names and others as integer ids; use one kind, "
+                          "or list the names in id order in model.labels")
+    return sorted(names, key=_tag_order) if names else None

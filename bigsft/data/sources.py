@@ -15,6 +15,7 @@ all is an error, never silently skipped.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import gzip
 import hashlib
@@ -33,8 +34,8 @@ from bigsft.errors import DataError
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
-
-
+LINE_FORMATS = ("conll",)
+"""Formats whose files are read by the format, whatever their suffix (.conll, .txt, .bio, .iob...)."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,21 @@ def is_hub_dataset(path: str) -> bool:
             and not path.startswith((".", "/", "~")) and path.count("/") <= 1)
 
 
+def _as_list(paths: str | list[str]) -> list[str]:
+    return paths if isinstance(paths, list) else [paths]
+
+
+def _any_suffix(source: DataSource) -> bool:
+    """The format, not the suffix, decides how its files are read."""
+    return source.format in LINE_FORMATS or source.target_path is not None
+
+
 def list_files(source: DataSource, where: str) -> list[str]:
-    """The source's files in a stable order; raises ConfigError if a path matches nothing readable."""
-    paths = source.path if isinstance(source.path, list) else [source.path]
+    """The source's files in a stable order; raises ConfigError if a path matches nothing readable, or if a
+    source file and its `target_path` file differ in line count."""
+    if source.target_path is not None:
+        return _aligned_files(source, where)
+    paths = _as_list(source.path)
     files: list[str] = []
     for p in paths:
         if any(ch in p for ch in "*?["):
@@ -74,19 +87,55 @@ def list_files(source: DataSource, where: str) -> list[str]:
                 raise ConfigError(f"{where}.path: glob {p!r} matches no file")
             files.extend(matched)
         elif os.path.isdir(p):
-            inside = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and _suffix(str(f)) in READABLE_SUFFIXES)
+            inside = sorted(str(f) for f in Path(p).rglob("*") if f.is_file() and not f.name.startswith(".")
+                            and (_any_suffix(source) or _suffix(str(f)) in READABLE_SUFFIXES))
             if not inside:
-                raise ConfigError(f"{where}.path: directory {p!r} holds no {'/'.join(READABLE_SUFFIXES)} file")
+                kinds = "readable" if _any_suffix(source) else "/".join(READABLE_SUFFIXES)
+                raise ConfigError(f"{where}.path: directory {p!r} holds no {kinds} file")
             files.extend(inside)
         elif os.path.isfile(p) or is_hub_dataset(p):
             files.append(p)
         else:
             raise ConfigError(f"{where}.path: {p!r} does not exist")
     for f in files:
-        if not is_hub_dataset(f) and _suffix(f) not in READABLE_SUFFIXES:
+        if not is_hub_dataset(f) and not _any_suffix(source) and _suffix(f) not in READABLE_SUFFIXES:
+            hint = "; for two line-aligned text files set target_path" if source.format == "seq2seq" else ""
             raise ConfigError(f"{where}.path: {f!r} has an unknown file type; use {', '.join(READABLE_SUFFIXES)}"
-                              " (optionally .gz or .zst)")
+                              f" (optionally .gz or .zst){hint}")
     return files
+
+
+def target_files(source: DataSource) -> dict[str, str]:
+    """Each source file's target file (`target_path`, line-aligned plain text); empty without one."""
+    if source.target_path is None:
+        return {}
+    return dict(zip(_as_list(source.path), _as_list(source.target_path), strict=True))
+
+
+def _aligned_files(source: DataSource, where: str) -> list[str]:
+    paths, targets = _as_list(source.path), _as_list(source.target_path)
+    if len(paths) != len(targets):
+        raise ConfigError(f"{where}.target_path: {len(targets)} target files for {len(paths)} source files; "
+                          "list one target per source, in the same order")
+    for key, p in [("path", p) for p in paths] + [("target_path", t) for t in targets]:
+        if not os.path.isfile(p):
+            raise ConfigError(f"{where}.{key}: {p!r} is not a file; with target_path, path and target_path name "
+                              "files (or lists of files), not directories or globs")
+    for p, t in zip(paths, targets):
+        n_source, n_target = _count_lines(p), _count_lines(t)
+        if n_source != n_target:
+            raise ConfigError(f"{where}.target_path: {t!r} has {n_target} lines but its source {p!r} has {n_source}; "
+                              "line i of one must be the target of line i of the other")
+    return paths
+
+
+def _count_lines(path: str) -> int:
+    n, last = 0, b"\n"
+    with _open_binary(path) as fh:
+        while chunk := fh.read(1 << 20):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,12 +162,7 @@ def _decode(raw: bytes, location: str) -> str | BadRecord:
 
 def _jsonl(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int, int, Any]]:
     with _open_binary(path) as fh:
-        if offset and fh.seekable():
-            fh.seek(offset)
-        elif offset:  # a zstd stream only reads forward
-            skipped = 0
-            while skipped < offset and (chunk := fh.read(min(offset - skipped, 1 << 20))):
-                skipped += len(chunk)
+        _seek(fh, offset)
         while True:
             raw = fh.readline()
             if not raw:
@@ -141,7 +185,79 @@ def _jsonl(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int
             yield line, fh.tell(), parse
 
 
-def _json_array(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int, int, Any]]:
+def _seek(fh, offset: int) -> None:
+    if offset and fh.seekable():
+        fh.seek(offset)
+    elif offset:  # a zstd stream only reads forward
+        skipped = 0
+        while skipped < offset and (chunk := fh.read(min(offset - skipped, 1 << 20))):
+            skipped += len(chunk)
+
+
+def _conll(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int, int, Any]]:
+    """One record per sentence: `token ... tag` lines (the first column is the token, the last the tag), a
+    blank line between sentences; `-DOCSTART-` lines end a sentence like a blank line. Yields the number of
+    the sentence's last line and the offset after it, so a resumed read starts at the next sentence."""
+    with _open_binary(path) as fh:
+        _seek(fh, offset)
+        rows: list[tuple[int, bytes]] = []
+        while True:
+            raw = fh.readline()
+            if raw:
+                line += 1
+            columns = raw.split()
+            if columns and columns[0] != b"-DOCSTART-":
+                rows.append((line, raw))
+                continue
+            if rows:
+                yield line, fh.tell(), functools.partial(_conll_sentence, rows, f"{path}:{rows[0][0]}")
+                rows = []
+            if not raw:
+                return
+
+
+def _conll_sentence(rows: list[tuple[int, bytes]], location: str) -> Record | BadRecord:
+    tokens, tags = [], []
+    for number, raw in rows:
+        text = _decode(raw, location)
+        if isinstance(text, BadRecord):
+            return BadRecord(f"line {number}: undecodable bytes (not UTF-8)", location)
+        columns = text.split()
+        if len(columns) < 2:
+            return BadRecord(f"line {number}: no tag", location)
+        tokens.append(columns[0])
+        tags.append(columns[-1])
+    return Record({"tokens": tokens, "tags": tags}, location)
+
+
+def _aligned_lines(path: str, record: int, line: int, offset: int, *, target: str) -> Iterator[tuple[int, int, Any]]:
+    """Line i of `path` and line i of `target` as one {source, target} record (blank lines included: they
+    are records with an empty side). Resumes at `offset` in the source and `line` lines into the target."""
+    with _open_binary(path) as src, _open_binary(target) as tgt:
+        _seek(src, offset)
+        for _ in range(line):
+            tgt.readline()
+        while True:
+            raw_source, raw_target = src.readline(), tgt.readline()
+            if not raw_source and not raw_target:
+                return
+            if not raw_source or not raw_target:
+                raise DataError(f"{target} has {_count_lines(target)} lines but its source {path} has "
+                                f"{_count_lines(path)}; line i of one must be the target of line i of the other")
+            line += 1
+            yield line, src.tell(), functools.partial(_aligned_pair, raw_source, raw_target, f"{path}:{line}")
+
+
+def _aligned_pair(raw_source: bytes, raw_target: bytes, location: str) -> Record | BadRecord:
+    source, target = _decode(raw_source, location), _decode(raw_target, location)
+    if isinstance(source, BadRecord):
+        return source
+    if isinstance(target, BadRecord):
+        return BadRecord("undecodable bytes in the target (not UTF-8)", location)
+    return Record({"source": source.rstrip("\r\n"), "target": target.rstrip("\r\n")}, location)
+
+
+def _load_json(path: str) -> Any:
     with _open_binary(path) as fh:
         text = _decode(fh.read(), path)
     if isinstance(text, BadRecord):
@@ -150,6 +266,14 @@ def _json_array(path: str, record: int, line: int, offset: int) -> Iterator[tupl
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}); the whole file is unreadable") from None
+    return data
+
+
+def _json_array(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int, int, Any]]:
+    return _json_records(path, _load_json(path), record)
+
+
+def _json_records(path: str, data: Any, record: int) -> Iterator[tuple[int, int, Any]]:
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -188,6 +312,32 @@ def _delimited(path: str, record: int, line: int, offset: int) -> Iterator[tuple
             yield reader.line_num, 0, parse
 
 
+def _squad(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int, int, Any]]:
+    """A SQuAD file as published ({version, data: [{title, paragraphs: [{context, qas}]}]}): one record per
+    question, with its paragraph's context. Any other JSON (an array of flat records) reads as `.json` does."""
+    data = _load_json(path)
+    if not (isinstance(data, dict) and isinstance(data.get("data"), list)):
+        yield from _json_records(path, data, record)
+        return
+    k = 0
+    for a, article in enumerate(data["data"]):
+        for p, paragraph in enumerate(article.get("paragraphs", []) if isinstance(article, dict) else []):
+            qas = paragraph.get("qas", []) if isinstance(paragraph, dict) else []
+            for q, qa in enumerate(qas):
+                k += 1
+                if k > record:
+                    location = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
+                    yield k, 0, functools.partial(_squad_question, paragraph, qa, location)
+
+
+def _squad_question(paragraph: dict, qa: Any, location: str) -> Record | BadRecord:
+    if not isinstance(qa, dict):
+        return BadRecord("a question should be an object", location)
+    return Record({"id": qa.get("id"), "context": paragraph.get("context"), "question": qa.get("question"),
+                   "answers": qa.get("answers") or [], "is_impossible": bool(qa.get("is_impossible", False))},
+                  location)
+
+
 def _parquet(path: str, record: int, line: int, offset: int) -> Iterator[tuple[int, int, Any]]:
     import pyarrow.parquet as pq
 
@@ -221,10 +371,19 @@ def _hub(path: str, split: str | None, record: int) -> Iterator[tuple[int, int, 
 _READERS = {".jsonl": _jsonl, ".json": _json_array, ".csv": _delimited, ".tsv": _delimited, ".parquet": _parquet}
 
 
-def iter_file(path: str, *, split: str | None = None, record: int = 0, line: int = 0, offset: int = 0):
-    """(line, next_offset, parse) for each record of `path` from record number `record` on."""
+def iter_file(path: str, *, split: str | None = None, record: int = 0, line: int = 0, offset: int = 0,
+              format: str | None = None, target: str | None = None):
+    """(line, next_offset, parse) for each record of `path` from record number `record` on. The `format`
+    picks the reader where the suffix cannot (CoNLL files, SQuAD's nested JSON); a `target` file pairs
+    line-aligned plain text."""
     if is_hub_dataset(path):
         return _hub(path, split, record)
+    if format == "conll":
+        return _conll(path, record, line, offset)
+    if target is not None:
+        return _aligned_lines(path, record, line, offset, target=target)
+    if format == "squad" and _suffix(path) == ".json":
+        return _squad(path, record, line, offset)
     return _READERS[_suffix(path)](path, record, line, offset)
 
 
@@ -274,7 +433,9 @@ def holdout_threshold(source: DataSource, where: str, validation: float | int) -
     (the ones with the smallest hashes); ConfigError when no training record would be left."""
     if isinstance(validation, float):
         return int(validation * 2**64)
-    keys = [Holdout.key(path, k) for path in list_files(source, where) for k, _ in enumerate(iter_file(path))]
+    targets = target_files(source)
+    keys = [Holdout.key(path, k) for path in list_files(source, where)
+            for k, _ in enumerate(iter_file(path, format=source.format, target=targets.get(path)))]
     if validation >= len(keys):
         raise ConfigError(f"data.validation: {validation} records held out of {where}, which has {len(keys)}: no "
                           "training data would be left")
@@ -293,6 +454,7 @@ class SourceReader:
         self.seed, self.index = seed, index
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.shuffle_files, self.cycle = shuffle_files, cycle
+        self.targets = target_files(source)
         self.pos = ReaderPosition()
         self._it: Iterator | None = None
         self._finished = False
@@ -316,8 +478,9 @@ class SourceReader:
                 return EPOCH_END
             if self._it is None:
                 p = self.pos
-                self._it = iter_file(order[p.file_cursor], split=self.source.split, record=p.record, line=p.line,
-                                     offset=p.offset)
+                path = order[p.file_cursor]
+                self._it = iter_file(path, split=self.source.split, record=p.record, line=p.line, offset=p.offset,
+                                     format=self.source.format, target=self.targets.get(path))
             try:
                 line, offset, parse = next(self._it)
             except StopIteration:
@@ -358,14 +521,16 @@ def read_source(source: DataSource, where: str) -> Iterator[Record | BadRecord]:
 
 def count_records(source: DataSource, where: str) -> int:
     """Records in a source (all ranks), without parsing them where the format allows."""
-    total = 0
+    total, targets = 0, target_files(source)
     for path in list_files(source, where):
         if is_hub_dataset(path):
             raise ConfigError(f"{where}: a hub dataset has no known size; give every source a weight")
-        if _suffix(path) == ".parquet":
+        if path in targets:
+            total += _count_lines(path)  # list_files checked that the target file has as many
+        elif _suffix(path) == ".parquet" and not _any_suffix(source):
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(path).metadata.num_rows
         else:
-            total += sum(1 for _ in iter_file(path))
+            total += sum(1 for _ in iter_file(path, format=source.format))
     return total

@@ -21,7 +21,7 @@ import numpy as np
 from bigsft.batch_math import BatchMath
 from bigsft.config import DataSource
 from bigsft.data.batching import Batch, Packer, collate, collate_packed
-from bigsft.data.formats import PARSERS
+from bigsft.data.formats import parser_for
 from bigsft.data.scan import SplitStats, parse_records, usable_samples
 from bigsft.data.sources import EPOCH_END, DataError, Holdout, SourceReader, list_files
 from bigsft.data.tokenize import IGNORE, Sample, SampleBuilder
@@ -44,7 +44,7 @@ class SourceStream:
     def __init__(self, reader: SourceReader, build: SampleBuilder, stats: SplitStats, *, buffer_size: int, seed: int,
                  shuffle: bool = True):
         self.reader = reader
-        self.parse = PARSERS[reader.source.format]
+        self.parse = parser_for(reader.source)
         self.columns = reader.source.columns
         self.build = build
         self.stats = stats
