@@ -715,8 +715,8 @@ def _format_problems(src: DataSource, where: str, task: str) -> list[str]:
     if src.target_path is not None:
         paths = src.path if isinstance(src.path, list) else [src.path]
         targets = src.target_path if isinstance(src.target_path, list) else [src.target_path]
-        records = [p for p in paths + targets
-                   if os.path.splitext(p.removesuffix(".gz").removesuffix(".zst"))[1].lower() in _RECORD_SUFFIXES]
+        records = [p for p in paths + targets if isinstance(p, str)
+                   and os.path.splitext(p.removesuffix(".gz").removesuffix(".zst"))[1].lower() in _RECORD_SUFFIXES]
         if fmt != "seq2seq":
             errors.append(f"{where}.target_path: only for format seq2seq (got format {fmt!r})")
         elif records:

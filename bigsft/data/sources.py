@@ -6,8 +6,10 @@ rank k % world. That split is disjoint and complete whether there are fewer file
 more, and every rank agrees on it without talking to the others. Its position (epoch, file, record,
 byte offset) is a small JSON-able dict, so a resumed run continues exactly where it stopped.
 
-Memory stays flat: JSON lines, CSV/TSV and Parquet are read record by record or batch by batch (only
-a `.json` array is loaded whole). A record that does not parse comes out as a `BadRecord` with its
+Memory stays flat: JSON lines, CSV/TSV, Parquet, CoNLL sentences and line-aligned source/target text
+are read record by record or batch by batch (only a `.json` array or SQuAD file is loaded whole). Most
+files are read by their suffix; CoNLL files (any suffix), SQuAD's nested JSON and a seq2seq source with a
+`target_path` are read by their format. A record that does not parse comes out as a `BadRecord` with its
 `file:line`; one broken line never costs the rest of its file, and a file that cannot be read at
 all is an error, never silently skipped.
 """
@@ -401,7 +403,7 @@ class ReaderPosition:
     line: int = 0
     """Line number of the last record read (for `file:line` in messages)."""
     offset: int = 0
-    """Byte offset of the next record (JSON lines); 0 for other formats."""
+    """Byte offset of the next record (JSON lines, CoNLL, the source file of aligned text); 0 for other formats."""
     seen: int = 0
     """Records (of all ranks) of this epoch before the current file position."""
 
