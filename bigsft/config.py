@@ -677,9 +677,6 @@ def _model_problems(cfg: RunConfig) -> list[str]:
                 f"model.labels has {len(m.labels)} names but model.num_labels is {m.num_labels}: make them agree"
             )
 
-    if m.task in ("question_answering", "seq2seq_lm"):
-        errors.append(f"model.task: {m.task} is not available in this version yet (causal_lm, sequence_classification "
-                      "and token_classification are)")
     if m.lora is not None:
         if m.lora.r < 1:
             errors.append(f"model.lora.r: {m.lora.r}; must be >= 1")

@@ -99,7 +99,7 @@ def metric_names(task: str, sets: Sequence[str] = (), *, pipeline: bool = False)
     """The keys an eval logs for a task: the aggregate over every eval set, then each set's own
     (`eval/<set>/<metric>`). Classifiers also log `eval/f1/<class>` for each class, taggers for each
     entity type."""
-    metrics = TASK_METRICS[task]
+    metrics = TASK_METRICS.get(task, ["loss"])
     if pipeline:  # the pipeline's last stage computes the loss, not the predictions
         metrics = [m for m in metrics if m != "token_accuracy"]
     return [f"eval/{m}" for m in metrics] + [f"eval/{s}/{m}" for s in sets for m in metrics]

@@ -55,9 +55,19 @@ def packed_efficiency(lengths: list[int], max_length: int) -> float:
     return sum(lengths) / max(rows * max_length, 1)
 
 
-def show_sample(console: Console, tokenizer, sample: Sample, title: str) -> None:
+def show_sample(console: Console, tokenizer, sample: Sample, title: str, *, task: str = "causal_lm",
+                id2label: dict[int, str] | None = None) -> None:
     text = Text()
-    if isinstance(sample.targets, int):
+    if task == "token_classification":
+        # Word -> sub-tokens -> tag: each sub-token with the tag it trains on, or dim when it carries none.
+        for token, target in zip(sample.input_ids, sample.targets):
+            piece = tokenizer.convert_ids_to_tokens(token)
+            if target == IGNORE:
+                text.append(f"{piece} ", style="dim")
+            else:
+                text.append(piece, style="bold")
+                text.append(f"/{(id2label or {}).get(target, target)} ", style="green")
+    elif isinstance(sample.targets, int):
         text.append(tokenizer.decode(sample.input_ids))
         text.append(f"  → label {sample.targets}", style="bold green")
     else:
@@ -94,17 +104,20 @@ def inspect(cfg: RunConfig, run_data: RunData, tokenizer, *, show: int = 3, limi
     names = source_names(cfg.data.train)
     streams = source_streams(cfg.data.train, "train", run_data.build, stats, seed=cfg.train.seed, dp_rank=0, dp_size=1,
                              train=False, buffer_size=128)
-    shown = 0
+    shown = taken = 0
     for name, stream in zip(names, streams):
-        while (limit is None or stats.records < limit) and (sample := stream.next()) is not None:
+        # Records used or refused so far (the stream reads ahead in chunks: stats.records runs ahead of it).
+        while (limit is None or taken + stats.bad < limit) and (sample := stream.next()) is not None:
+            taken += 1
             corpus.add(sample, name)
             if shown < show:
-                show_sample(console, tokenizer, sample, f"sample {shown + 1} ({name})")
+                show_sample(console, tokenizer, sample, f"sample {shown + 1} ({name})", task=cfg.model.task,
+                            id2label=run_data.id2label)
                 shown += 1
 
     d = cfg.data
     summary = {
-        "records": stats.records, "samples": stats.samples, "tokens": corpus.tokens, "trained_tokens": corpus.trained,
+        "records": taken + stats.bad, "samples": taken, "tokens": corpus.tokens, "trained_tokens": corpus.trained,
         "truncated": stats.truncated, "skipped": dict(stats.skipped),
         "padded_efficiency": padded_efficiency(corpus.lengths, cfg.train.micro_batch_size) if corpus.lengths else 0.0,
         "packed_efficiency": packed_efficiency(corpus.lengths, d.max_length) if corpus.lengths else 0.0,

@@ -332,12 +332,16 @@ class SampleBuilder:
         """Words -> sub-tokens; a word's tag on its first sub-token (and, with subtoken_labels: all, on the rest as
         its continuation); special tokens and the other sub-tokens get no loss."""
         tags = self._tag_ids(ex.tags)
-        word_ids, input_ids, token_type_ids = self._split_words(ex.tokens)
-        full = len(input_ids)
-        if full > self.max_length:
+        if len(tags) != len(ex.tokens):
+            raise BadRecordError(f"{len(tags)} tags for {len(ex.tokens)} tokens")
+        # One token past max_length tells a sentence that does not fit (and never trips the tokenizer's
+        # warning about its own model_max_length).
+        word_ids, input_ids, token_type_ids = self._split_words(ex.tokens, self.max_length + 1)
+        truncated = len(input_ids) > self.max_length
+        if truncated:
             if self.truncation == "drop":
                 raise BadRecordError(f"longer than data.max_length={self.max_length} (data.truncation: drop)")
-            word_ids, input_ids, token_type_ids = self._split_words(ex.tokens, truncate=True)
+            word_ids, input_ids, token_type_ids = self._split_words(ex.tokens, self.max_length)
         targets, previous = [], None
         for word in word_ids:
             if word is None:
@@ -348,11 +352,11 @@ class SampleBuilder:
                 targets.append(self.continuation.get(tags[word], tags[word]) if self.subtoken_labels == "all" else IGNORE)
             previous = word
         if all(t == IGNORE for t in targets):
-            raise BadRecordError("no word fits data.max_length" if full > self.max_length else "no tagged word")
-        return Sample(input_ids, targets, token_type_ids, truncated=full > self.max_length)
+            raise BadRecordError("no word fits data.max_length" if truncated else "no tagged word")
+        return Sample(input_ids, targets, token_type_ids, truncated=truncated)
 
-    def _split_words(self, words: list[str], truncate: bool = False):
-        enc = self.tok(words, is_split_into_words=True, truncation=truncate, max_length=self.max_length if truncate else None)
+    def _split_words(self, words: list[str], max_length: int):
+        enc = self.tok(words, is_split_into_words=True, truncation=True, max_length=max_length)
         if not getattr(self.tok, "is_fast", False):
             raise BadRecordError("token_classification needs a fast tokenizer (word ids)")
         return enc.word_ids(), enc["input_ids"], enc.get("token_type_ids")

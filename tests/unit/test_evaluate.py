@@ -85,7 +85,7 @@ def test_each_eval_set_has_its_own_metrics_and_the_aggregate_counts_every_exampl
 
     a = [batch([0, 1], [0, 1]), batch([1], [0])]  # 2 of 3 right
     b = [batch([0, 0, 1, 1], [1, 1, 1, 1])]  # 2 of 4 right
-    kw = {"causal": False, "num_labels": 2, "device": "cpu", "dummy": a[0]}
+    kw = {"task": "sequence_classification", "num_labels": 2, "device": "cpu", "dummy": a[0]}
     both = evaluate(model, [("a", a), ("b", b)], **kw)
     alone_a, alone_b = evaluate(model, [("a", a)], **kw), evaluate(model, [("b", b)], **kw)
     assert {k: v for k, v in both.items() if k.startswith("eval/a/")} == {k: v for k, v in alone_a.items() if k.startswith("eval/a/")}
