@@ -64,7 +64,7 @@ def alpaca_files(assets) -> tuple[Path, Path]:
             tiny.write_jsonl(assets / "alpaca" / "eval.jsonl", records[128:]))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not found at {SHARED_DATA} (they sit beside the repo in CI)")

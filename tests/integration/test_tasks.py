@@ -1,0 +1,116 @@
+"""The fine-tuning tasks beyond causal LM and sequence classification, trained for real on CPU.
+
+Named-entity recognition: the real MiniLM encoder learns WikiANN tags from the `ner` recipe's shipped sample
+(entity F1 well above its untrained value), its export tags words in `transformers.pipeline` as bigsft's
+eval does, and ZeRO-3 on 2 ranks reproduces one rank's losses, gradient norms and entity counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tiny
+from conftest import check, grad_norms, read_metrics, train_losses
+
+pytestmark = pytest.mark.slow
+
+
+def _conll_sentences(path: Path, n: int, skip: int = 0) -> str:
+    blocks = [b for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    return "\n\n".join(blocks[skip : skip + n]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def runs(pool, tmp_path_factory, tokenizer_dir, shared_data) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tasks")
+    out = {"ner": d / "ner", "ner_two": d / "ner_two", "ner_one": d / "ner_one"}
+    # The recipe as a user runs it, shortened: 40 steps instead of its 2 epochs.
+    pool.add("ner", ["ner", f"output_dir={out['ner']}", "train.epochs=0", "train.max_steps=40"], launcher="plain",
+             tests=("test_minilm_learns_ner_and_its_export_tags_as_bigsft_does",))
+    # A tiny BERT from a config on the shared WikiANN sample: 64 training sentences, 21 eval sentences (rank 1
+    # of 2 runs a stand-in batch at the end of the eval).
+    train, dev = d / "train.conll", d / "dev.conll"
+    train.write_text(_conll_sentences(shared_data / "wikiann_en_train.conll", 64), encoding="utf-8")
+    dev.write_text(_conll_sentences(shared_data / "wikiann_en_dev.conll", 21), encoding="utf-8")
+    cfg = d / "tagger.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output_dir": str(d / "unused"),
+        "model": {"config": {**tiny.BERT, "vocab_size": 400, "hidden_dropout_prob": 0.0,
+                             "attention_probs_dropout_prob": 0.0}, "tokenizer": str(tokenizer_dir),
+                  "task": "token_classification"},
+        "data": {"train": [{"path": str(train), "format": "conll"}], "eval": [{"path": str(dev), "format": "conll"}],
+                 "max_length": 64, "subtoken_labels": "all"},
+        "train": {"seed": 1, "micro_batch_size": 4, "eval_micro_batch_size": 4, "max_steps": 6, "lr": 3e-3,
+                  "log_every": 1, "eval_every": 3, "max_grad_norm": 1.0}}))
+    parity = ("test_tagging_on_two_zero3_ranks_matches_one_rank",)
+    pool.add("ner_two", [str(cfg), "deepspeed=zero3", f"output_dir={out['ner_two']}"], nproc=2, tests=parity)
+    pool.add("ner_one", [str(cfg), "deepspeed=zero3", f"output_dir={out['ner_one']}",
+                         "train.gradient_accumulation_steps=2"], launcher="plain", tests=parity)
+    return out
+
+
+def evals(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "eval/loss" in r]
+
+
+def test_minilm_learns_ner_and_its_export_tags_as_bigsft_does(pool, runs):
+    proc = check(pool.result("ner"))
+    out = runs["ner"]
+    before, after = evals(out)[0], evals(out)[-1]
+    assert before["step"] == 0 and after["step"] == 40
+    assert before["eval/f1"] < 0.05 and after["eval/f1"] > 0.2, (before, after)
+    assert after["eval/accuracy"] > before["eval/accuracy"] + 0.4
+    assert {"eval/f1/LOC", "eval/f1/ORG", "eval/f1/PER"} <= set(after)
+    report = json.loads((out / "eval_report.json").read_text())
+    assert set(report["classes"]) == {"LOC", "ORG", "PER"}
+    assert sum(map(sum, report["confusion"])) == after["eval/tokens"]
+    assert "per class" in proc.stdout and "confusion" in proc.stdout
+
+    # final/ in transformers' own pipeline: the same tag on every word's first sub-token as bigsft's eval path.
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+    from bigsft.config import load_config
+    from bigsft.data.formats import parser_for
+    from bigsft.data.sources import read_source
+    from bigsft.data.tokenize import IGNORE, SampleBuilder
+
+    final = out / "final"
+    model = AutoModelForTokenClassification.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert list(model.config.id2label.values()) == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    tagger = pipeline("token-classification", model=str(final), aggregation_strategy="none")
+    cfg = load_config("ner", [])
+    source = cfg.data.eval[0]
+    build = SampleBuilder(tok, max_length=cfg.data.max_length, label2id=model.config.label2id)
+    compared = entities = 0
+    for record in list(read_source(source, "data.eval[0]"))[:40]:
+        words = parser_for(source)(record.fields, source.columns)
+        sample = build(words)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([sample.input_ids])).logits[0]
+        ours = {i: model.config.id2label[int(logits[i].argmax())] for i, t in enumerate(sample.targets) if t != IGNORE}
+        theirs = {r["index"]: r["entity"] for r in tagger(" ".join(words.tokens))}
+        for i, tag in ours.items():  # the pipeline leaves out "O"
+            assert theirs.get(i, "O") == tag, (words.tokens, i, tag, theirs)
+        compared += len(ours)
+        entities += sum(tag != "O" for tag in ours.values())
+    assert compared > 200 and entities > 30
+
+
+def test_tagging_on_two_zero3_ranks_matches_one_rank(pool, runs):
+    check(pool.result("ner_two"))
+    check(pool.result("ner_one"))
+    two, one = runs["ner_two"], runs["ner_one"]
+    assert train_losses(two) == pytest.approx(train_losses(one), abs=1e-5)
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
+    a, b = evals(two), evals(one)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+    for x, y in zip(a, b):
+        assert x["eval/tokens"] == y["eval/tokens"] and x["eval/tokens"] > 100
+        for key in ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
