@@ -70,6 +70,25 @@ BERT = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 128, "num_
         "num_attention_heads": 4, "max_position_embeddings": 512}
 
 
+def build_char_tokenizer(out_dir: Path, texts: list[str]) -> Path:
+    """A BERT-style tokenizer whose vocabulary is every character of `texts` ([CLS] ... [SEP], one token per
+    character): for Chinese, which MiniLM's English WordPiece vocabulary mostly maps to [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Split("", behavior="isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_model_dir(out_dir: Path, tokenizer_dir: Path, config: dict, *, seed: int = 0,
                     task: str = "causal_lm") -> Path:
     """Random weights from a transformers config, saved with the tokenizer as a pretrained directory."""
