@@ -100,7 +100,8 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         report: dict = {}
         labels = list(run_data.id2label.values()) if run_data.id2label else None
         metrics = evaluate(net, sets, task=cfg.model.task, num_labels=len(labels) if labels else None, device=device,
-                           dummy=dummy_batch(per_token=per_token, pad_id=tokenizer.pad_token_id),
+                           dummy=dummy_batch(per_token=per_token, pad_id=tokenizer.pad_token_id,
+                                             span=cfg.model.task == "question_answering"),
                            head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
                            report=report)
         rows = None

@@ -139,6 +139,8 @@ class DataConfig:
     """Samples longer than max_length: cut the response side, or skip the sample (counted either way)."""
     shuffle_buffer: int = 1000
     """Samples held per source for shuffling (bounded memory); file order is reshuffled every epoch."""
+    doc_stride: int = 128
+    """question_answering: a context longer than max_length is read in windows that overlap by this many tokens."""
     subtoken_labels: Literal["first", "all"] = "first"
     """token_classification: a word's tag trains its first sub-token only (`first`, the others get no loss), or
     every sub-token (`all`: B-X continues as I-X). Evaluation scores words by their first sub-token either way."""
@@ -751,6 +753,8 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     v = d.validation
     if v is not None and (isinstance(v, bool) or not (0 < v < 1 or (isinstance(v, int) and v >= 1))):
         errors.append(f"data.validation: {v!r}; a fraction between 0 and 1, or a record count >= 1")
+    if m.task == "question_answering" and not 1 <= d.doc_stride < d.max_length:
+        errors.append(f"data.doc_stride: {d.doc_stride}; must be >= 1 and below data.max_length ({d.max_length})")
     if d.shuffle_buffer < 1:
         errors.append(f"data.shuffle_buffer: {d.shuffle_buffer}; must be >= 1 (1 keeps the file order)")
     return errors

@@ -19,6 +19,7 @@ from bigsft import dist
 from bigsft.data.batching import Batch
 from bigsft.data.tokenize import IGNORE
 from bigsft.model import TrainedPositionsHead
+from bigsft.qa import Answers
 
 PER_TOKEN_TASKS = ("causal_lm", "token_classification", "seq2seq_lm")
 """Tasks whose targets are per token ([B, T], -100 where no loss), not one per example."""
@@ -35,6 +36,11 @@ def summed_loss(model: Callable, batch: Batch, *, task: str,
         with head.selecting(mask):
             logits = model(**batch.inputs, **extra).logits
         return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum"), logits
+    if task == "question_answering":  # a window's loss: the mean of its start and end cross-entropies
+        out = model(**batch.inputs)
+        loss = (F.cross_entropy(out.start_logits.float(), batch.targets[:, 0], reduction="sum")
+                + F.cross_entropy(out.end_logits.float(), batch.targets[:, 1], reduction="sum")) / 2
+        return loss, torch.stack([out.start_logits, out.end_logits], dim=-1)
     logits = model(**batch.inputs, **extra).logits
     if task in PER_TOKEN_TASKS:
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
@@ -90,6 +96,7 @@ TASK_METRICS = {
     "sequence_classification": ["loss", "accuracy", "precision", "recall", "f1", "examples"],
     "token_classification": ["loss", "accuracy", "precision", "recall", "f1", "tokens"],
     "causal_lm": ["loss", "perplexity", "tokens", "token_accuracy"],
+    "question_answering": ["loss", "exact_match", "f1", "has_answer_f1", "examples"],
 }
 """What an eval logs per task (eval/<metric>): classifiers' precision / recall / F1 are macro over classes,
 a tagger's are entity-level (CoNLL, micro over entities) and its accuracy is over tagged words."""
@@ -149,6 +156,13 @@ class Tally:
     """[true, predicted] counts of classes (classifiers) or tags (taggers)."""
     entities: dict[str, list[int]] | None = None
     """Taggers: per entity type, [true, predicted, correct] entity counts."""
+    f1_sum: float = 0.0
+    """Extractive QA: the sum of the examples' F1 (`correct` holds their exact matches)."""
+    examples: int = 0
+    """Extractive QA: questions (`targets` counts their windows, the loss's unit)."""
+    answerable_f1_sum: float = 0.0
+    answerable: int = 0
+    """Extractive QA: questions with an answer, and their F1 (SQuAD 2.0's HasAns_f1)."""
 
     def add(self, other: Tally) -> Tally:
         confusion = None if self.confusion is None else self.confusion + other.confusion
@@ -157,11 +171,15 @@ class Tally:
             entities = {k: [a + b for a, b in zip(self.entities.get(k, [0, 0, 0]), other.entities.get(k, [0, 0, 0]))]
                         for k in {*self.entities, *other.entities}}
         return Tally(self.loss + other.loss, self.targets + other.targets, self.correct + other.correct, confusion,
-                     entities)
+                     entities, self.f1_sum + other.f1_sum, self.examples + other.examples,
+                     self.answerable_f1_sum + other.answerable_f1_sum, self.answerable + other.answerable)
 
     def metrics(self, prefix: str) -> dict[str, float]:
         loss = self.loss / max(self.targets, 1)
-        if self.entities is not None:
+        if self.examples:
+            out = {"loss": loss, "exact_match": self.correct / self.examples, "f1": self.f1_sum / self.examples,
+                   "has_answer_f1": self.answerable_f1_sum / max(self.answerable, 1), "examples": self.examples}
+        elif self.entities is not None:
             true, predicted, correct = (sum(c[i] for c in self.entities.values()) for i in range(3))
             precision = correct / predicted if predicted else 0.0
             recall = correct / true if true else 0.0
@@ -179,7 +197,8 @@ class Tally:
 def reduce_tallies(tallies: list[Tally]) -> list[Tally]:
     """The world's sums of each set, from every rank's own (one collective for the counts, one for the
     confusion matrices)."""
-    flat = dist.all_reduce_sum([x for t in tallies for x in (t.loss, t.targets, t.correct)])
+    fields = ("loss", "targets", "correct", "f1_sum", "examples", "answerable_f1_sum", "answerable")
+    flat = dist.all_reduce_sum([getattr(t, f) for t in tallies for f in fields])
     confusion = None
     if tallies and tallies[0].confusion is not None:
         confusion = torch.stack([t.confusion for t in tallies])
@@ -189,8 +208,12 @@ def reduce_tallies(tallies: list[Tally]) -> list[Tally]:
         gathered = dist.all_gather_object([t.entities for t in tallies])
         entities = [functools.reduce(lambda a, b: Tally(entities=a).add(Tally(entities=b)).entities,
                                      [rank[i] for rank in gathered]) for i in range(len(tallies))]
-    return [Tally(flat[3 * i], round(flat[3 * i + 1]), round(flat[3 * i + 2]),
-                  None if confusion is None else confusion[i], entities[i]) for i in range(len(tallies))]
+    counts = [dict(zip(fields, flat[len(fields) * i : len(fields) * (i + 1)])) for i in range(len(tallies))]
+    for c in counts:
+        for f in ("targets", "correct", "examples", "answerable"):
+            c[f] = round(c[f])
+    return [Tally(**c, confusion=None if confusion is None else confusion[i], entities=entities[i])
+            for i, c in enumerate(counts)]
 
 
 def set_metrics(names: Sequence[str], tallies: list[Tally], *, label_names: list[str] | None = None,
@@ -235,10 +258,12 @@ def evaluate(model: Callable, sets: Sequence[tuple[str, Iterable[Batch]]], *, ta
 
 def _tally(model: Callable, batches: Iterable[Batch], *, task: str, num_labels: int | None,
            device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None,
-           stop_requested: Callable[[], bool] | None, label_names: list[str] | None) -> Tally:
+           stop_requested: Callable[[], bool] | None, label_names: list[str] | None,
+           max_answer_length: int = 30) -> Tally:
     tally = Tally(confusion=torch.zeros((num_labels, num_labels), dtype=torch.long) if num_labels else None,
                   entities={} if task == "token_classification" else None)
     names = label_names or [str(i) for i in range(num_labels or 0)]
+    answers = Answers() if task == "question_answering" else None
     loss_sum = torch.zeros((), dtype=torch.float64)
     it = iter(batches)
     while True:
@@ -255,6 +280,10 @@ def _tally(model: Callable, batches: Iterable[Batch], *, task: str, num_labels: 
             continue
         loss_sum += loss.double().cpu()
         tally.targets += batch.num_targets
+        if answers is not None:
+            for meta, window in zip(batch.meta, logits.detach().cpu()):
+                answers.add(meta, window[:, 0], window[:, 1], max_answer_length)
+            continue
         pred = logits.argmax(-1).cpu()
         targets = batch.targets.cpu()
         if head is not None:  # the logits are the trained positions' only
@@ -270,4 +299,7 @@ def _tally(model: Callable, batches: Iterable[Batch], *, task: str, num_labels: 
                 entity_counts([names[i] for i in row_true[row_tagged]], [names[i] for i in row_pred[row_tagged]],
                               tally.entities)
     tally.loss = float(loss_sum)
+    if answers is not None:
+        exact, tally.f1_sum, tally.examples, tally.answerable_f1_sum, tally.answerable = answers.scores()
+        tally.correct = round(exact)
     return tally

@@ -93,7 +93,8 @@ class ZeroSteps:
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
                                         offload=pre.offload_optimizer != "none")
         self.device = get_accelerator().current_device_name()
-        self.dummy = dummy_batch(per_token=self.task in PER_TOKEN_TASKS, pad_id=prepared.tokenizer.pad_token_id)
+        self.dummy = dummy_batch(per_token=self.task in PER_TOKEN_TASKS, pad_id=prepared.tokenizer.pad_token_id,
+                                 span=self.task == "question_answering")
         # ZeRO-0 keeps no usable norm in fp32 (none) or fp16 (a loss-scaled one): measure it here.
         self.own_grad_norm = pre.zero_stage == 0 and cfg.model.dtype in ("fp32", "fp16")
         self.caller_scales = scaled_by_caller(self.engine)

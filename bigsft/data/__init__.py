@@ -80,6 +80,7 @@ def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
         train_on=data.train_on, truncation=data.truncation,
         label2id={v: k for k, v in id2label.items()} if id2label else None,
         num_labels=len(id2label) if id2label else None, subtoken_labels=data.subtoken_labels,
+        doc_stride=data.doc_stride,
     )
     if model.task == "causal_lm" and any(s.format in CONVERSATION_FORMATS for s in data.train):
         keep_chat_template(tokenizer, build)

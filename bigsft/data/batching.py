@@ -19,7 +19,8 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     """Model inputs: input_ids with attention_mask (padded) or position_ids (packed)."""
     targets: torch.Tensor
-    """[B, T] shifted next-token targets (-100: no loss) for causal LMs, [B] class ids for classifiers."""
+    """[B, T] shifted next-token targets (-100: no loss) for causal LMs, [B, T] tags for taggers, [B] class
+    ids for classifiers, [B, 2] answer start and end tokens for extractive QA."""
     num_targets: int
     """Trained units in this batch: labeled tokens (causal LM) or examples (classification)."""
     num_tokens: int
@@ -28,10 +29,12 @@ class Batch:
     """Samples in the batch (several per row when packed)."""
     attention_pairs: int = 0
     """Sum over samples of length squared: what causal attention costs, for FLOP counts."""
+    meta: list[dict] | None = None
+    """Extractive QA eval: each window's `Sample.meta`."""
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device),
-                     self.num_targets, self.num_tokens, self.num_samples, self.attention_pairs)
+                     self.num_targets, self.num_tokens, self.num_samples, self.attention_pairs, self.meta)
 
     @property
     def num_positions(self) -> int:
@@ -65,8 +68,12 @@ def collate(samples: list[Sample], *, pad_id: int, pad_to_multiple_of: int | Non
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
     num_targets = int((targets != IGNORE).sum()) if per_token else n
+    meta = None
+    if samples[0].span_end is not None:  # extractive QA: [start, end] per window
+        targets = torch.stack([targets, torch.tensor([s.span_end for s in samples])], dim=1)
+        meta = [s.meta for s in samples] if samples[0].meta is not None else None
     return Batch(inputs, targets, num_targets, int(attention_mask.sum()), n,
-                 sum(len(s.input_ids) ** 2 for s in samples))
+                 sum(len(s.input_ids) ** 2 for s in samples), meta)
 
 
 def collate_packed(rows: list[list[Sample]], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:

@@ -67,6 +67,14 @@ def show_sample(console: Console, tokenizer, sample: Sample, title: str, *, task
             else:
                 text.append(piece, style="bold")
                 text.append(f"/{(id2label or {}).get(target, target)} ", style="green")
+    elif sample.span_end is not None:
+        # Extractive QA: the window (question, then its share of the context) with the answer span in green.
+        start, end = sample.targets, sample.span_end
+        for i, token in enumerate(sample.input_ids):
+            inside = 0 < start <= i <= end
+            text.append(tokenizer.decode([token]) + " ", style="bold green" if inside else "dim")
+        if start == 0:
+            text.append("  → no answer in this window", style="bold yellow")
     elif isinstance(sample.targets, int):
         text.append(tokenizer.decode(sample.input_ids))
         text.append(f"  → label {sample.targets}", style="bold green")

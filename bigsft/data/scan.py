@@ -81,9 +81,10 @@ def usable_samples(built: Iterable[Sample | BadRecordError], where: Sequence[str
         if isinstance(sample, BadRecordError):
             stats.skip(str(sample), location)
             continue
-        stats.samples += 1
-        stats.truncated += sample.truncated
-        samples.append(sample)
+        for window in sample if isinstance(sample, list) else [sample]:  # QA: one sample per context window
+            stats.samples += 1
+            stats.truncated += window.truncated
+            samples.append(window)
     return samples
 
 

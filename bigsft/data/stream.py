@@ -260,10 +260,14 @@ def batches_once(streams: Sequence[SourceStream], *, micro_batch_size: int, pad_
         yield collate_packed(rows[j : j + micro_batch_size], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def dummy_batch(*, per_token: bool, pad_id: int) -> Batch:
-    """A two-token batch that carries no loss: for ranks that ran out of eval data while others have not."""
+def dummy_batch(*, per_token: bool, pad_id: int, span: bool = False) -> Batch:
+    """A two-token batch that carries no loss: for ranks that ran out of eval data while others have not.
+    `per_token`: [1, 2] targets, all ignored; `span` (extractive QA): a [1, 2] start / end pair."""
     import torch
 
-    targets = torch.full((1, 2), IGNORE, dtype=torch.long) if per_token else torch.zeros(1, dtype=torch.long)
+    if per_token:
+        targets = torch.full((1, 2), IGNORE, dtype=torch.long)
+    else:
+        targets = torch.zeros((1, 2) if span else (1,), dtype=torch.long)
     inputs = {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
     return Batch(inputs, targets, 0, 0, 0)

@@ -26,6 +26,7 @@ from bigsft.data.formats import (
     Completion,
     Conversation,
     Example,
+    Extractive,
     Labeled,
     PlainText,
     TaggedTokens,
@@ -71,9 +72,15 @@ DEFAULT_CHAT_TEMPLATE = (
 class Sample:
     input_ids: list[int]
     targets: list[int] | int
-    """Per-position next-token targets (-100: no loss) for causal LMs; a class id for classifiers."""
+    """Per-position next-token targets (-100: no loss) for causal LMs, per-token tags for taggers (-100 where
+    no word starts); a class id for classifiers; the answer's start token for extractive QA."""
     token_type_ids: list[int] | None = None
     truncated: bool = False
+    span_end: int | None = None
+    """Extractive QA: the answer's end token (start and end 0: no answer in this window)."""
+    meta: dict | None = None
+    """Extractive QA eval windows: what maps a predicted span back to text (example key, character offsets
+    of the context tokens, the context and the reference answers)."""
 
     @property
     def num_targets(self) -> int:
@@ -82,7 +89,7 @@ class Sample:
         return sum(t != IGNORE for t in self.targets)
 
     def to_state(self) -> list:
-        return [self.input_ids, self.targets, self.token_type_ids, self.truncated]
+        return [self.input_ids, self.targets, self.token_type_ids, self.truncated, self.span_end, self.meta]
 
     @classmethod
     def from_state(cls, state: list) -> Sample:
@@ -95,7 +102,7 @@ class SampleBuilder:
     def __init__(self, tokenizer, *, max_length: int, system_prompt: str | None = None,
                  chat_template: str | None = None, train_on: str = "assistant", truncation: str = "truncate",
                  label2id: Mapping[str, int] | None = None, num_labels: int | None = None,
-                 subtoken_labels: str = "first"):
+                 subtoken_labels: str = "first", doc_stride: int = 128):
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}")
         self.tok = tokenizer
@@ -107,17 +114,19 @@ class SampleBuilder:
         self.label2id = dict(label2id or {})
         self.num_labels = num_labels
         self.subtoken_labels = subtoken_labels
+        self.doc_stride = doc_stride
+        self.with_meta = False
         # subtoken_labels "all": a word's later sub-tokens continue its entity (B-X -> I-X, when I-X is a tag).
         names = {v: k for k, v in self.label2id.items()}
         self.continuation = {i: self.label2id.get("I-" + names[i][2:], i) if names[i].startswith("B-") else i
                              for i in names}
 
     def for_eval(self) -> SampleBuilder:
-        """The builder of eval samples: tagging scores each word at its first sub-token only."""
-        if self.subtoken_labels == "first":
-            return self
+        """The builder of eval samples: tagging scores each word at its first sub-token only; QA windows carry
+        what maps a span back to the context's text."""
         other = copy.copy(self)
         other.subtoken_labels = "first"
+        other.with_meta = True
         return other
 
     def __call__(self, example: Example) -> Sample:
@@ -159,6 +168,8 @@ class SampleBuilder:
             return self._labeled(example)
         if isinstance(example, TaggedTokens):
             return self._tagged(example)
+        if isinstance(example, Extractive):
+            return self._windows(example)
         raise TypeError(f"unknown example type {type(example).__name__}")
 
     # -- causal LM ----------------------------------------------------------------------------------
@@ -360,6 +371,47 @@ class SampleBuilder:
         if not getattr(self.tok, "is_fast", False):
             raise BadRecordError("token_classification needs a fast tokenizer (word ids)")
         return enc.word_ids(), enc["input_ids"], enc.get("token_type_ids")
+
+
+    # -- extractive question answering ---------------------------------------------------------------
+
+    def _windows(self, ex: Extractive) -> list[Sample]:
+        """The question with the context, in windows of max_length tokens that overlap by doc_stride tokens
+        when the context is longer. A window holding the whole (first) answer trains on its start and end
+        tokens; every other window, and every window of an unanswerable question, on the first token
+        (CLS): "no answer here"."""
+        if not getattr(self.tok, "is_fast", False):
+            raise BadRecordError("question_answering needs a fast tokenizer (character offsets)")
+        question = ex.question.lstrip()
+        question_tokens = len(self.tok(question, add_special_tokens=False)["input_ids"])
+        room = self.max_length - question_tokens - 4  # the specials of a pair, at most
+        if room < 8:
+            raise BadRecordError(f"the question ({question_tokens} tokens) leaves no room for the context in "
+                                 f"data.max_length={self.max_length}")
+        enc = self.tok(question, ex.context, truncation="only_second", max_length=self.max_length,
+                       stride=min(self.doc_stride, room - 1), return_overflowing_tokens=True,
+                       return_offsets_mapping=True)
+        start_char, end_char = (ex.answers[0][1], ex.answers[0][1] + len(ex.answers[0][0])) if ex.answers else (0, 0)
+        windows, found = [], not ex.answers
+        for w in range(len(enc["input_ids"])):
+            sequence = enc.sequence_ids(w)
+            offsets = [o if sequence[i] == 1 else None for i, o in enumerate(enc["offset_mapping"][w])]
+            start = end = 0
+            if ex.answers:
+                inside = [i for i, o in enumerate(offsets) if o is not None and o[0] < end_char and o[1] > start_char]
+                context = [i for i, o in enumerate(offsets) if o is not None]
+                if inside and offsets[context[0]][0] <= start_char and offsets[context[-1]][1] >= end_char:
+                    start, end, found = inside[0], inside[-1], True
+            meta = None
+            if self.with_meta:
+                meta = {"key": ex.id or ex.question + "\x1f" + ex.context[:64], "offsets": offsets, "context": ex.context,
+                        "answers": [text for text, _ in ex.answers]}
+            types = enc["token_type_ids"][w] if "token_type_ids" in enc else None
+            windows.append(Sample(enc["input_ids"][w], start, types, span_end=end,
+                                  meta=meta))
+        if not found:
+            raise BadRecordError("the answer falls outside every window (a question too long for data.max_length)")
+        return windows
 
 
 def keep_chat_template(tokenizer, build: SampleBuilder) -> None:

