@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bigsft.batch_math import BatchMath, batch_math
 from bigsft.checkpoint import ResumePoint, find_resume_point, run_identity
-from bigsft.config import ConfigError, RunConfig
+from bigsft.config import LABELED_TASKS, ConfigError, RunConfig
 from bigsft.dist import LaunchEnv
 from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
 
@@ -79,7 +79,7 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
                 "or data.validation"]
     names = metric_names(cfg.model.task, eval_set_names(cfg.data), pipeline=cfg.pipeline.stages > 1)
     names += [f"eval/generate/{m}" for m in cfg.eval.generate.metrics] if cfg.eval.generate else []
-    per_class = cfg.model.task == "sequence_classification" and metric.startswith("eval/f1/")
+    per_class = cfg.model.task in LABELED_TASKS and metric.startswith("eval/f1/")
     if metric not in names and not per_class:
         return [f"train.best_metric: {metric!r} is not a metric this run logs; task {cfg.model.task} logs "
                 f"{', '.join(names)}"]

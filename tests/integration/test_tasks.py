@@ -69,6 +69,31 @@ def runs(pool, tmp_path_factory, tokenizer_dir, shared_data) -> dict[str, Path]:
                   "eval_at_start": True}}))
     out["zh"] = d / "zh"
     pool.add("zh", [str(zh)], launcher="plain", tests=("test_chinese_ner_one_character_per_word",))
+
+    # Chinese extractive QA (CMRC 2018 trial, SQuAD layout): a tiny BERT with a character vocabulary, ZeRO-3 on
+    # 2 ranks against 1 rank. Contexts of ~400 characters in windows of 128 tokens: answers fall in later
+    # windows and across window boundaries.
+    cmrc = json.loads((shared_data / "cmrc2018_trial.json").read_text(encoding="utf-8"))
+    articles = cmrc["data"]
+    (d / "cmrc_train.json").write_text(json.dumps({"data": articles[:12]}, ensure_ascii=False), encoding="utf-8")
+    (d / "cmrc_dev.json").write_text(json.dumps({"data": articles[12:17]}, ensure_ascii=False), encoding="utf-8")
+    texts = [p["context"] + q["question"] for a in articles[:17] for p in a["paragraphs"] for q in p["qas"]]
+    qa_chars = tiny.build_char_tokenizer(d / "cmrc_tokenizer", texts)
+    qa = d / "cmrc.yaml"
+    qa.write_text(yaml.safe_dump({
+        "output_dir": str(d / "unused"),
+        "model": {"config": {**tiny.BERT, "vocab_size": 4000, "hidden_dropout_prob": 0.0,
+                             "attention_probs_dropout_prob": 0.0}, "tokenizer": str(qa_chars),
+                  "task": "question_answering"},
+        "data": {"train": [{"path": str(d / "cmrc_train.json"), "format": "squad"}],
+                 "eval": [{"path": str(d / "cmrc_dev.json"), "format": "squad"}], "max_length": 128, "doc_stride": 32},
+        "train": {"seed": 2, "micro_batch_size": 4, "eval_micro_batch_size": 4, "max_steps": 4, "lr": 3e-3,
+                  "log_every": 1, "eval_every": 2, "max_grad_norm": 1.0}}))
+    qa_parity = ("test_chinese_qa_on_two_zero3_ranks_matches_one_rank",)
+    for key, extra, how in (("qa_two", [], {"nproc": 2}),
+                            ("qa_one", ["train.gradient_accumulation_steps=2"], {"launcher": "plain"})):
+        out[key] = d / key
+        pool.add(key, [str(qa), "deepspeed=zero3", f"output_dir={out[key]}", *extra], tests=qa_parity, **how)
     return out
 
 
@@ -145,3 +170,17 @@ def test_chinese_ner_one_character_per_word(pool, runs, shared_data):
     assert after["eval/loss"] < before["eval/loss"] and after["eval/accuracy"] > before["eval/accuracy"]
     report = json.loads((runs["zh"] / "eval_report.json").read_text())
     assert set(report["classes"]) == {"LOC", "ORG", "PER"} and sum(c["support"] for c in report["classes"].values()) > 50
+
+
+def test_chinese_qa_on_two_zero3_ranks_matches_one_rank(pool, runs):
+    check(pool.result("qa_two"))
+    check(pool.result("qa_one"))
+    two, one = runs["qa_two"], runs["qa_one"]
+    assert train_losses(two) == pytest.approx(train_losses(one), abs=1e-5)
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
+    a, b = evals(two), evals(one)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4]
+    for x, y in zip(a, b):
+        assert x["eval/examples"] == y["eval/examples"] > 20  # every question once, whatever rank holds it
+        for key in ("eval/loss", "eval/exact_match", "eval/f1", "eval/has_answer_f1"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
