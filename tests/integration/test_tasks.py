@@ -20,6 +20,18 @@ from conftest import check, grad_norms, read_metrics, train_losses
 pytestmark = pytest.mark.slow
 
 
+def tiny_bert_config(path: Path, *, tokenizer: Path, vocab_size: int, task: str, data: dict, train: dict) -> Path:
+    """A tiny BERT (no dropout: ranks draw their own masks) from a config, for parity runs of a task."""
+    path.write_text(yaml.safe_dump({
+        "output_dir": str(path.parent / "unused"),
+        "model": {"config": {**tiny.BERT, "vocab_size": vocab_size, "hidden_dropout_prob": 0.0,
+                             "attention_probs_dropout_prob": 0.0}, "tokenizer": str(tokenizer), "task": task},
+        "data": data,
+        "train": {"micro_batch_size": 4, "eval_micro_batch_size": 4, "lr": 3e-3, "log_every": 1, "max_grad_norm": 1.0,
+                  **train}}))
+    return path
+
+
 def _conll_sentences(path: Path, n: int, skip: int = 0) -> str:
     blocks = [b for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
     return "\n\n".join(blocks[skip : skip + n]) + "\n"
@@ -37,16 +49,11 @@ def runs(pool, tmp_path_factory, tokenizer_dir, shared_data) -> dict[str, Path]:
     train, dev = d / "train.conll", d / "dev.conll"
     train.write_text(_conll_sentences(shared_data / "wikiann_en_train.conll", 64), encoding="utf-8")
     dev.write_text(_conll_sentences(shared_data / "wikiann_en_dev.conll", 21), encoding="utf-8")
-    cfg = d / "tagger.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "output_dir": str(d / "unused"),
-        "model": {"config": {**tiny.BERT, "vocab_size": 400, "hidden_dropout_prob": 0.0,
-                             "attention_probs_dropout_prob": 0.0}, "tokenizer": str(tokenizer_dir),
-                  "task": "token_classification"},
-        "data": {"train": [{"path": str(train), "format": "conll"}], "eval": [{"path": str(dev), "format": "conll"}],
-                 "max_length": 64, "subtoken_labels": "all"},
-        "train": {"seed": 1, "micro_batch_size": 4, "eval_micro_batch_size": 4, "max_steps": 6, "lr": 3e-3,
-                  "log_every": 1, "eval_every": 3, "max_grad_norm": 1.0}}))
+    cfg = tiny_bert_config(
+        d / "tagger.yaml", tokenizer=tokenizer_dir, vocab_size=400, task="token_classification",
+        data={"train": [{"path": str(train), "format": "conll"}], "eval": [{"path": str(dev), "format": "conll"}],
+              "max_length": 64, "subtoken_labels": "all"},
+        train={"seed": 1, "max_steps": 6, "eval_every": 3})
     parity = ("test_tagging_on_two_zero3_ranks_matches_one_rank",)
     pool.add("ner_two", [str(cfg), "deepspeed=zero3", f"output_dir={out['ner_two']}"], nproc=2, tests=parity)
     pool.add("ner_one", [str(cfg), "deepspeed=zero3", f"output_dir={out['ner_one']}",
@@ -79,16 +86,11 @@ def runs(pool, tmp_path_factory, tokenizer_dir, shared_data) -> dict[str, Path]:
     (d / "cmrc_dev.json").write_text(json.dumps({"data": articles[12:17]}, ensure_ascii=False), encoding="utf-8")
     texts = [p["context"] + q["question"] for a in articles[:17] for p in a["paragraphs"] for q in p["qas"]]
     qa_chars = tiny.build_char_tokenizer(d / "cmrc_tokenizer", texts)
-    qa = d / "cmrc.yaml"
-    qa.write_text(yaml.safe_dump({
-        "output_dir": str(d / "unused"),
-        "model": {"config": {**tiny.BERT, "vocab_size": 4000, "hidden_dropout_prob": 0.0,
-                             "attention_probs_dropout_prob": 0.0}, "tokenizer": str(qa_chars),
-                  "task": "question_answering"},
-        "data": {"train": [{"path": str(d / "cmrc_train.json"), "format": "squad"}],
-                 "eval": [{"path": str(d / "cmrc_dev.json"), "format": "squad"}], "max_length": 128, "doc_stride": 32},
-        "train": {"seed": 2, "micro_batch_size": 4, "eval_micro_batch_size": 4, "max_steps": 4, "lr": 3e-3,
-                  "log_every": 1, "eval_every": 2, "max_grad_norm": 1.0}}))
+    qa = tiny_bert_config(
+        d / "cmrc.yaml", tokenizer=qa_chars, vocab_size=4000, task="question_answering",
+        data={"train": [{"path": str(d / "cmrc_train.json"), "format": "squad"}],
+              "eval": [{"path": str(d / "cmrc_dev.json"), "format": "squad"}], "max_length": 128, "doc_stride": 32},
+        train={"seed": 2, "max_steps": 4, "eval_every": 2})
     qa_parity = ("test_chinese_qa_on_two_zero3_ranks_matches_one_rank",)
     for key, extra, how in (("qa_two", [], {"nproc": 2}),
                             ("qa_one", ["train.gradient_accumulation_steps=2"], {"launcher": "plain"})):
@@ -146,18 +148,28 @@ def test_minilm_learns_ner_and_its_export_tags_as_bigsft_does(pool, runs):
     assert compared > 200 and entities > 30
 
 
-def test_tagging_on_two_zero3_ranks_matches_one_rank(pool, runs):
-    check(pool.result("ner_two"))
-    check(pool.result("ner_one"))
-    two, one = runs["ner_two"], runs["ner_one"]
+def assert_two_ranks_match_one(pool, runs, task: str, steps: list[int], count: str, metrics: tuple[str, ...]):
+    """Losses and gradient norms at the parity tolerance; the eval's counts equal (every example once) and its
+    metrics at the tolerance."""
+    two, one = (trained(pool, runs, f"{task}_{n}") for n in ("two", "one"))
     assert train_losses(two) == pytest.approx(train_losses(one), abs=1e-5)
     assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
     a, b = evals(two), evals(one)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == steps
     for x, y in zip(a, b):
-        assert x["eval/tokens"] == y["eval/tokens"] and x["eval/tokens"] > 100
-        for key in ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"):
+        assert x[count] == y[count] > 20, count
+        for key in ("eval/loss", *metrics):
             assert x[key] == pytest.approx(y[key], abs=1e-5), key
+
+
+def trained(pool, runs, key: str) -> Path:
+    check(pool.result(key))
+    return runs[key]
+
+
+def test_tagging_on_two_zero3_ranks_matches_one_rank(pool, runs):
+    assert_two_ranks_match_one(pool, runs, "ner", [3, 6], "eval/tokens",
+                               ("eval/accuracy", "eval/precision", "eval/recall", "eval/f1"))
 
 
 def test_chinese_ner_one_character_per_word(pool, runs, shared_data):
@@ -173,14 +185,5 @@ def test_chinese_ner_one_character_per_word(pool, runs, shared_data):
 
 
 def test_chinese_qa_on_two_zero3_ranks_matches_one_rank(pool, runs):
-    check(pool.result("qa_two"))
-    check(pool.result("qa_one"))
-    two, one = runs["qa_two"], runs["qa_one"]
-    assert train_losses(two) == pytest.approx(train_losses(one), abs=1e-5)
-    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
-    a, b = evals(two), evals(one)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4]
-    for x, y in zip(a, b):
-        assert x["eval/examples"] == y["eval/examples"] > 20  # every question once, whatever rank holds it
-        for key in ("eval/loss", "eval/exact_match", "eval/f1", "eval/has_answer_f1"):
-            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    assert_two_ranks_match_one(pool, runs, "qa", [2, 4], "eval/examples",
+                               ("eval/exact_match", "eval/f1", "eval/has_answer_f1"))
