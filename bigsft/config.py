@@ -818,7 +818,7 @@ def redact(value: Any) -> Any:
 
 def _is_token_setting(key: str) -> bool:
     # Model/tokenizer settings that merely mention tokens are not secrets (pad_token_id, max_tokens...).
-    return bool(re.search(r"tokens?_(id|ids|type)$|^(max|num|min)_|_tokens$|tokenizer", key, re.IGNORECASE))
+    return bool(re.search(r"tokens?_(id|ids|type)$|^(max|num|min)_|_tokens$|tokenizer|subtoken", key, re.IGNORECASE))
 
 
 def to_dict(cfg: Any) -> Any:

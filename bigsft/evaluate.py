@@ -36,10 +36,14 @@ def summed_loss(model: Callable, batch: Batch, *, task: str,
         with head.selecting(mask):
             logits = model(**batch.inputs, **extra).logits
         return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum"), logits
-    if task == "question_answering":  # a window's loss: the mean of its start and end cross-entropies
+    if task == "question_answering":
+        # A window's loss: the mean of its start and end cross-entropies over its own tokens (padding left out,
+        # so that the loss does not depend on which windows share a batch).
         out = model(**batch.inputs)
-        loss = (F.cross_entropy(out.start_logits.float(), batch.targets[:, 0], reduction="sum")
-                + F.cross_entropy(out.end_logits.float(), batch.targets[:, 1], reduction="sum")) / 2
+        padding = batch.inputs["attention_mask"] == 0
+        start, end = (logits.float().masked_fill(padding, float("-inf")) for logits in (out.start_logits, out.end_logits))
+        loss = (F.cross_entropy(start, batch.targets[:, 0], reduction="sum")
+                + F.cross_entropy(end, batch.targets[:, 1], reduction="sum")) / 2
         return loss, torch.stack([out.start_logits, out.end_logits], dim=-1)
     logits = model(**batch.inputs, **extra).logits
     if task in PER_TOKEN_TASKS:

@@ -187,3 +187,25 @@ def test_chinese_ner_one_character_per_word(pool, runs, shared_data):
 def test_chinese_qa_on_two_zero3_ranks_matches_one_rank(pool, runs):
     assert_two_ranks_match_one(pool, runs, "qa", [2, 4], "eval/examples",
                                ("eval/exact_match", "eval/f1", "eval/has_answer_f1"))
+    # final/ loads as an AutoModelForQuestionAnswering and, outside DeepSpeed, scores what the run's last eval did
+    # (transformers 5 has no question-answering pipeline any more).
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from bigsft.batch_math import BatchMath
+    from bigsft.config import load_config
+    from bigsft.data import eval_sets, setup_data
+    from bigsft.data.scan import SplitStats
+    from bigsft.data.stream import dummy_batch
+    from bigsft.evaluate import evaluate
+
+    final = runs["qa_two"] / "final"
+    model = AutoModelForQuestionAnswering.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    cfg = load_config(str(runs["qa_two"] / "config.yaml"), [])
+    sets = eval_sets(cfg.data, setup_data(cfg.data, cfg.model, tok), SplitStats(), dp_rank=0, pad_id=tok.pad_token_id,
+                     batch=BatchMath(micro_batch_size=3, gradient_accumulation_steps=1, data_parallel_size=1))
+    again = evaluate(model, sets, task="question_answering", num_labels=None, device="cpu",
+                     dummy=dummy_batch(per_token=False, span=True, pad_id=tok.pad_token_id))
+    last = evals(runs["qa_two"])[-1]
+    for key in ("eval/loss", "eval/exact_match", "eval/f1", "eval/examples"):
+        assert again[key] == pytest.approx(last[key], abs=1e-5), key

@@ -176,6 +176,12 @@ def test_redaction_hides_secrets_but_not_token_settings():
     assert out["model"]["config"]["pad_token_id"] == 0 and out["tokenizer"] == "path"
 
 
+def test_no_config_key_of_bigsfts_own_reads_as_a_secret():
+    """Every setting of the config tree survives the dump (a key like data.subtoken_labels is not a token)."""
+    dumped = dump_yaml(config_from_dict(base()))
+    assert REDACTED not in dumped, [line for line in dumped.splitlines() if REDACTED in line]
+
+
 def test_dump_is_loadable_and_redacted():
     raw = base()
     raw["model"]["config"]["auth_token"] = "sekrit"

@@ -88,3 +88,23 @@ def test_cmrc_scores_count_characters_and_latin_words_with_the_longest_common_su
     em, f1 = cmrc_scores("在北京", ["北京奥运会"])  # common substring 北京: precision 2/3, recall 2/5
     assert em == 0.0 and f1 == pytest.approx(2 * (2 / 3) * (2 / 5) / (2 / 3 + 2 / 5))
     assert cmrc_scores("上海", ["北京", "上海市"])[1] == pytest.approx(0.8)  # the best reference
+
+
+def test_a_windows_loss_does_not_depend_on_the_padding_its_batch_adds(tok):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from bigsft.data.batching import collate
+    from bigsft.evaluate import summed_loss
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2)).eval()
+    build = SampleBuilder(tok, max_length=48, doc_stride=16)
+    start = CONTEXT.index("Lake Tahoe")
+    windows = build(Extractive(CONTEXT, "Where is it?", (("Lake Tahoe", start),)))
+    windows += build(Extractive("Lake Tahoe is in the mountains.", "Where?", (("Lake Tahoe", 0),)))  # a short one
+    with torch.no_grad():
+        together = summed_loss(model, collate(windows, pad_id=0), task="question_answering")[0]
+        alone = sum(summed_loss(model, collate([w], pad_id=0), task="question_answering")[0] for w in windows)
+    assert len({len(w.input_ids) for w in windows}) > 1  # the short window is padded in the batch
+    assert together.item() == pytest.approx(alone.item(), rel=1e-5)
