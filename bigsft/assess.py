@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from bigsft import dist, tracking
-from bigsft.config import ConfigError, RunConfig
+from bigsft.config import ConfigError, RunConfig, generation_config
 from bigsft.dist import LaunchEnv
 from bigsft.files import write_json_atomically, write_jsonl_atomically
 
@@ -65,8 +65,7 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
     from bigsft.batch_math import BatchMath
     from bigsft.data import eval_sets, setup_data
     from bigsft.data.scan import SplitStats
-    from bigsft.data.stream import dummy_batch
-    from bigsft.evaluate import PER_TOKEN_TASKS, evaluate
+    from bigsft.evaluate import dummy_for_task, evaluate
     from bigsft.model import build_model, build_tokenizer, load_hf_config, trained_positions_head
 
     if not cfg.data.has_eval:
@@ -76,7 +75,7 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         source = _model_dir(model, Path(scratch))
         # The model directory's own tokenizer (final/ and exports carry it), else the config's.
         own_tokenizer = (Path(source) / "tokenizer_config.json").is_file() or cfg.model.tokenizer is None
-        model_cfg = dataclasses.replace(cfg.model, name_or_path=source, config=None, lora=None,
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=source, config=None, lora=None, decoder=None,
                                         gradient_checkpointing=False,
                                         tokenizer=None if own_tokenizer else cfg.model.tokenizer)
         hf_config = load_hf_config(model_cfg)
@@ -92,7 +91,6 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         device = get_accelerator().current_device_name()
         net = net.to(device).eval()
         causal = cfg.model.task == "causal_lm"
-        per_token = cfg.model.task in PER_TOKEN_TASKS
         ranks = BatchMath(micro_batch_size=cfg.train.micro_batch_size, gradient_accumulation_steps=1,
                           data_parallel_size=launch.world_size, eval_micro_batch_size=cfg.train.eval_micro_batch_size)
         sets = eval_sets(cfg.data, run_data, SplitStats(), batch=ranks, dp_rank=launch.rank,
@@ -100,17 +98,17 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         report: dict = {}
         labels = list(run_data.id2label.values()) if run_data.id2label else None
         metrics = evaluate(net, sets, task=cfg.model.task, num_labels=len(labels) if labels else None, device=device,
-                           dummy=dummy_batch(per_token=per_token, pad_id=tokenizer.pad_token_id,
-                                             span=cfg.model.task == "question_answering"),
+                           dummy=dummy_for_task(cfg.model.task, tokenizer.pad_token_id),
                            head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
                            report=report)
         rows = None
-        if cfg.eval.generate is not None:
+        generate = generation_config(cfg)
+        if generate is not None:
             from bigsft.generation import generation_eval, generation_prompts
 
             # Each rank holds the whole model: no lockstep needed.
-            scores, rows = generation_eval(net, generation_prompts(cfg.data, run_data, cfg.eval.generate.samples),
-                                           cfg.eval.generate, tokenizer=tokenizer, device=device, synced=False)
+            scores, rows = generation_eval(net, generation_prompts(cfg.data, run_data, generate.samples),
+                                           generate, tokenizer=tokenizer, device=device, synced=False)
             metrics.update(scores)
     finally:
         dist.destroy_process_group()
@@ -121,7 +119,7 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         if rows is not None:
             write_jsonl_atomically(out / "samples" / "evaluate.jsonl", rows)
             tracking.info(f"samples: {out / 'samples' / 'evaluate.jsonl'}")
-        tracking.print_metrics(f"evaluation of {model}", {"eval": metrics})
+        tracking.print_metrics(f"evaluation of {model}", {"eval": metrics}, hide=("eval/generate/",))
         if report:
             tracking.print_class_report(report)
         tracking.info(f"report: {out / tracking.EVAL_REPORT}")

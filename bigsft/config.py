@@ -105,6 +105,10 @@ class ModelConfig:
     """`sdpa`, `eager` or `flash_attention_2`; transformers' default when unset."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `name_or_path`."""
+    decoder: str | None = None
+    """seq2seq_lm: a pretrained model (directory, hub id or `pkg:`) that starts the decoder of an
+    `EncoderDecoderModel` whose encoder is `name_or_path` (e.g. two BERT-style encoders; the decoder's
+    cross-attention starts random). Both must share the tokenizer (`model.tokenizer`, else `name_or_path`'s)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters (through peft) instead of all weights; only they are optimized and checkpointed."""
 
@@ -141,6 +145,9 @@ class DataConfig:
     """Samples held per source for shuffling (bounded memory); file order is reshuffled every epoch."""
     doc_stride: int = 128
     """question_answering: a context longer than max_length is read in windows that overlap by this many tokens."""
+    max_target_length: int | None = None
+    """seq2seq_lm: longest target in tokens (its end token included); longer targets are cut, or dropped with
+    `truncation: drop`. Defaults to max_length, which bounds the source."""
     subtoken_labels: Literal["first", "all"] = "first"
     """token_classification: a word's tag trains its first sub-token only (`first`, the others get no loss), or
     every sub-token (`all`: B-X continues as I-X). Evaluation scores words by their first sub-token either way."""
@@ -271,7 +278,7 @@ GenerateMetric = Literal["exact_match", "rouge_l", "bleu"]
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
-    """Generation eval (causal LMs): at each eval the model answers the first `samples` prompts of the eval
+    """Generation eval (causal and seq2seq LMs; on by default for seq2seq_lm with eval data): at each eval the model answers the first `samples` prompts of the eval
     sets greedily; the answers go to output_dir/samples/step_N.jsonl and are scored against the references."""
 
     samples: int = 16
@@ -279,13 +286,15 @@ class GenerateConfig:
     completion's prompt."""
     max_new_tokens: int = 128
     metrics: list[GenerateMetric] = field(default_factory=lambda: ["exact_match", "rouge_l", "bleu"])
-    """Logged as eval/generate/<metric>: exact_match and rouge_l (F1) in [0, 1], bleu (sacreBLEU) in [0, 100]."""
+    """Logged as eval/<metric> and eval/generate/<metric>: exact_match and rouge_l (F1) in [0, 1], bleu
+    (sacreBLEU) in [0, 100]."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     generate: GenerateConfig | None = None
-    """Unset: no generation eval."""
+    """Unset: no generation eval, except for seq2seq_lm with eval data, which gets the defaults
+    (see `generation_config`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -641,8 +650,8 @@ def _generate_problems(cfg: RunConfig) -> list[str]:
         return []
     errors = [f"eval.generate.{name}: {getattr(g, name)}; must be >= 1" for name in ("samples", "max_new_tokens")
               if getattr(g, name) < 1]
-    if cfg.model.task != "causal_lm":
-        errors.append(f"eval.generate: generation eval is for causal_lm; model.task is {cfg.model.task}")
+    if cfg.model.task not in ("causal_lm", "seq2seq_lm"):
+        errors.append(f"eval.generate: generation eval is for causal_lm and seq2seq_lm; model.task is {cfg.model.task}")
     if cfg.pipeline.stages > 1:
         errors.append("eval.generate: a pipeline-parallel run cannot generate (each rank holds some layers); "
                       "generate from final/ with `bigsft evaluate MODEL CONFIG pipeline.stages=1` instead")
@@ -651,9 +660,25 @@ def _generate_problems(cfg: RunConfig) -> list[str]:
     return errors
 
 
+def generation_config(cfg: RunConfig) -> GenerateConfig | None:
+    """The run's generation eval: `eval.generate`, or for seq2seq_lm with eval data (which a BLEU or ROUGE
+    score judges better than a loss) the defaults; None: none."""
+    if cfg.eval.generate is not None:
+        return cfg.eval.generate
+    if cfg.model.task == "seq2seq_lm" and cfg.data.has_eval and cfg.pipeline.stages == 1:
+        return GenerateConfig()
+    return None
+
+
 def _model_problems(cfg: RunConfig) -> list[str]:
     errors = []
     m = cfg.model
+    if m.decoder is not None:
+        if m.task != "seq2seq_lm":
+            errors.append(f"model.decoder: only for model.task seq2seq_lm (got {m.task})")
+        if m.name_or_path is None:
+            errors.append("model.decoder: warm-starts an encoder-decoder from two pretrained models; set "
+                          "model.name_or_path (the encoder), not model.config")
     if (m.name_or_path is None) == (m.config is None):
         errors.append("model: set exactly one of model.name_or_path (pretrained) or model.config (random init)")
     if m.config is not None:
@@ -749,12 +774,14 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     if any(weighted) and not all(weighted):
         errors.append("data.train: give every source a weight, or none (then sources mix by their sizes)")
     if d.packing and m.task != "causal_lm":
-        errors.append("data.packing: packing applies to causal_lm; set data.packing=false for classification")
+        errors.append(f"data.packing: packing applies to causal_lm; set data.packing=false for {m.task}")
     v = d.validation
     if v is not None and (isinstance(v, bool) or not (0 < v < 1 or (isinstance(v, int) and v >= 1))):
         errors.append(f"data.validation: {v!r}; a fraction between 0 and 1, or a record count >= 1")
     if m.task == "question_answering" and not 1 <= d.doc_stride < d.max_length:
         errors.append(f"data.doc_stride: {d.doc_stride}; must be >= 1 and below data.max_length ({d.max_length})")
+    if d.max_target_length is not None and d.max_target_length < 2:
+        errors.append(f"data.max_target_length: {d.max_target_length}; must be at least 2")
     if d.shuffle_buffer < 1:
         errors.append(f"data.shuffle_buffer: {d.shuffle_buffer}; must be >= 1 (1 keeps the file order)")
     return errors

@@ -101,6 +101,7 @@ TASK_METRICS = {
     "token_classification": ["loss", "accuracy", "precision", "recall", "f1", "tokens"],
     "causal_lm": ["loss", "perplexity", "tokens", "token_accuracy"],
     "question_answering": ["loss", "exact_match", "f1", "has_answer_f1", "examples"],
+    "seq2seq_lm": ["loss", "perplexity", "tokens", "token_accuracy"],
 }
 """What an eval logs per task (eval/<metric>): classifiers' precision / recall / F1 are macro over classes,
 a tagger's are entity-level (CoNLL, micro over entities) and its accuracy is over tagged words."""
@@ -141,6 +142,14 @@ def entity_counts(true_tags: list[str], predicted_tags: list[str], counts: dict[
     for chunk in predicted:
         counts[chunk[0]][1] += 1
         counts[chunk[0]][2] += chunk in true
+
+
+def dummy_for_task(task: str, pad_id: int) -> Batch:
+    """The no-loss batch a rank runs while others still have eval batches, shaped for the task's model."""
+    from bigsft.data.stream import dummy_batch
+
+    return dummy_batch(per_token=task in PER_TOKEN_TASKS, pad_id=pad_id, span=task == "question_answering",
+                       decoder=task == "seq2seq_lm")
 
 
 class EvalInterrupted(Exception):

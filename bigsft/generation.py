@@ -81,9 +81,16 @@ def generate(model, prompts: list[GenerationPrompt], *, tokenizer, max_new_token
     from transformers import GenerationConfig
 
     rank, world = dist.rank(), dist.world_size()
-    stops = stop_ids(tokenizer)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    extra = {}
+    if encoder_decoder:  # the decoder starts from its start token and stops at the model's end token
+        own = model.generation_config
+        stops = [i for i in [own.eos_token_id, tokenizer.eos_token_id] if i is not None]
+        extra["decoder_start_token_id"] = own.decoder_start_token_id
+    else:
+        stops = stop_ids(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None, **extra)
     mine: list[tuple[int, str]] = []
     rounds = -(-len(prompts) // world)
     with torch.no_grad():
@@ -96,7 +103,9 @@ def generate(model, prompts: list[GenerationPrompt], *, tokenizer, max_new_token
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                  synced_gpus=synced)
             if index < len(prompts):
-                mine.append((index, _answer(out[0, len(prompt.ids):].tolist(), stops, tokenizer)))
+                # A decoder-only model's output repeats the prompt; an encoder-decoder's starts with the start token.
+                new = out[0, 1:] if encoder_decoder else out[0, len(prompt.ids):]
+                mine.append((index, _answer(new.tolist(), stops, tokenizer)))
     answers = dict(pair for part in dist.all_gather_object(mine) for pair in part)
     return [answers[i] for i in range(len(prompts))]
 
@@ -124,7 +133,8 @@ def _normalized(text: str) -> str:
 
 
 def scores(outputs: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
-    """eval/generate/<metric>: exact_match and rouge_l (mean F1) in [0, 1], bleu (corpus sacreBLEU) in [0, 100]."""
+    """eval/<metric> and eval/generate/<metric> (the same value): exact_match and rouge_l (mean F1) in [0, 1],
+    bleu (corpus sacreBLEU) in [0, 100]."""
     n = max(len(outputs), 1)
     cjk = any(_CJK.search(r) for r in references)
     out = {}
@@ -139,7 +149,7 @@ def scores(outputs: list[str], references: list[str], metrics: list[str]) -> dic
         import sacrebleu
 
         out["eval/generate/bleu"] = sacrebleu.corpus_bleu(outputs, [references], tokenize="zh" if cjk else "13a").score
-    return out
+    return {**{k.replace("/generate/", "/"): v for k, v in out.items()}, **out}
 
 
 def generation_eval(model, prompts: list[GenerationPrompt], cfg: GenerateConfig, *, tokenizer, device,

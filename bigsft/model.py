@@ -67,13 +67,45 @@ def load_hf_config(cfg: ModelConfig):
             return AutoConfig.for_model(model_type, **raw)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"model.config: {str(e).splitlines()[0]}") from None
-    path = resolve_model_path(cfg.name_or_path)
+    encoder = _pretrained_config(cfg, cfg.name_or_path, "model.name_or_path")
+    if cfg.decoder is None:
+        return encoder
+    from transformers import EncoderDecoderConfig
+
+    decoder = _pretrained_config(cfg, cfg.decoder, "model.decoder")
+    return EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+
+
+def _pretrained_config(cfg: ModelConfig, name_or_path: str, key: str):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "a local directory" if os.path.isdir(path) else "a local directory or a reachable hub id"
-        raise ConfigError(f"model.name_or_path: cannot load {cfg.name_or_path!r} as {where}: {first}") from None
+        raise ConfigError(f"{key}: cannot load {name_or_path!r} as {where}: {first}") from None
+
+
+def seq2seq_token_ids(cfg: ModelConfig, hf_config, tokenizer) -> tuple[int, int | None]:
+    """(decoder start, target end) of an encoder-decoder: the pretrained config's, where it has them; for a
+    model built from model.config (whose defaults know nothing of this tokenizer, unless the dict sets
+    them) and for a warm-started EncoderDecoderModel, the tokenizer's: start BOS, else CLS, else pad; end
+    EOS, else SEP."""
+    from_tokenizer = cfg.config is not None or cfg.decoder is not None
+
+    def chosen(key: str, *fallbacks):
+        value = getattr(hf_config, key, None)
+        if value is not None and (not from_tokenizer or key in (cfg.config or {})):
+            return value
+        return next((i for i in fallbacks if i is not None), None)
+
+    start = chosen("decoder_start_token_id", tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.pad_token_id)
+    end = chosen("eos_token_id", tokenizer.eos_token_id, tokenizer.sep_token_id)
+    if isinstance(end, list):
+        end = end[0]
+    return start, end
 
 
 def _supported(task: str) -> dict:
@@ -139,7 +171,9 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
         n = len(id2label) if id2label else cfg.num_labels or len(cfg.labels or [])
         labels = id2label or {i: f"LABEL_{i}" for i in range(n)}
         kwargs.update(num_labels=n, id2label=dict(labels), label2id={v: k for k, v in labels.items()})
-    if cfg.config is not None:
+    if cfg.decoder is not None:
+        model = _warm_started_encoder_decoder(cfg, hf_config, kwargs)
+    elif cfg.config is not None:
         for key in ("num_labels", "id2label", "label2id"):
             if key in kwargs:
                 setattr(hf_config, key, kwargs.pop(key))
@@ -156,6 +190,11 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     if cfg.config is not None:
         initialize_by_name(model, seed)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.task == "seq2seq_lm":
+        start, end = seq2seq_token_ids(cfg, hf_config, tokenizer)
+        for config in (model.config, model.generation_config):  # what generation and the export read
+            config.decoder_start_token_id, config.eos_token_id = start, end
+            config.pad_token_id = tokenizer.pad_token_id
     if cfg.task == "causal_lm":
         # The KV cache is useless in training, and with it transformers skips its packed-sequence path.
         model.config.use_cache = False
@@ -164,6 +203,18 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     return allow_universal_checkpoints(model)
+
+
+def _warm_started_encoder_decoder(cfg: ModelConfig, hf_config, kwargs: dict):
+    """An EncoderDecoderModel from two pretrained models: `name_or_path` the encoder, `decoder` the decoder
+    (made causal, with new cross-attention)."""
+    from transformers import EncoderDecoderModel
+
+    own = {**kwargs, **({"revision": cfg.revision} if cfg.revision else {})}
+    both = {f"{side}_{k}": v for k, v in own.items() for side in ("encoder", "decoder")}
+    with _forked_rng():  # the new cross-attention's draw, kept out of the generator LoRA and dropout use next
+        return EncoderDecoderModel.from_encoder_decoder_pretrained(
+            resolve_model_path(cfg.name_or_path), resolve_model_path(cfg.decoder), **both)
 
 
 def allow_universal_checkpoints(module):

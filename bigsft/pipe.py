@@ -73,7 +73,7 @@ def pipeline_problems(hf_config, *, stages: int, task: str, from_config: bool, m
         problems.append(f"pipeline.stages > 1: architecture {model_type!r} is not supported; supported: "
                         f"{', '.join(SUPPORTED)}")
     if task != "causal_lm":
-        problems.append("pipeline.stages > 1 trains causal LMs only; set pipeline.stages=1 for classification")
+        problems.append(f"pipeline.stages > 1 trains causal LMs only; set pipeline.stages=1 for {task}")
     if from_config:
         problems.append("pipeline.stages > 1 loads weights stage by stage from model.name_or_path; save a "
                         "random-init model with save_pretrained and point model.name_or_path at it")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bigsft.batch_math import BatchMath, batch_math
 from bigsft.checkpoint import ResumePoint, find_resume_point, run_identity
-from bigsft.config import LABELED_TASKS, ConfigError, RunConfig
+from bigsft.config import LABELED_TASKS, ConfigError, RunConfig, generation_config
 from bigsft.dist import LaunchEnv
 from bigsft.ds_config import RunValues, load_ds_config, offload_device, resolve_ds_config, zero_stage
 
@@ -78,7 +78,8 @@ def _selection_problems(cfg: RunConfig) -> list[str]:
         return [f"{key}: picking the best checkpoint and stopping early follow an eval metric; set data.eval "
                 "or data.validation"]
     names = metric_names(cfg.model.task, eval_set_names(cfg.data), pipeline=cfg.pipeline.stages > 1)
-    names += [f"eval/generate/{m}" for m in cfg.eval.generate.metrics] if cfg.eval.generate else []
+    generate = generation_config(cfg)
+    names += [f"eval/{p}{m}" for m in generate.metrics for p in ("", "generate/")] if generate else []
     per_class = cfg.model.task in LABELED_TASKS and metric.startswith("eval/f1/")
     if metric not in names and not per_class:
         return [f"train.best_metric: {metric!r} is not a metric this run logs; task {cfg.model.task} logs "
@@ -161,9 +162,6 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
                 list_files(source, f"data.{split}[{i}]")
             except ConfigError as e:
                 errors += e.problems
-    if cfg.model.task == "seq2seq_lm":  # its data formats are read; training is not built yet
-        errors.append("model.task: seq2seq_lm is not available in this version yet (causal_lm, sequence_classification, "
-                      "token_classification and question_answering are)")
     errors += _selection_problems(cfg)
     errors += _wandb_problems(cfg)
     problem = _output_dir_problem(cfg.output_dir)

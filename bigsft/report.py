@@ -72,10 +72,13 @@ def read_metrics(path: Path) -> Metrics:
 
 def eval_groups(keys: list[str]) -> dict[str, list[str]]:
     """Eval keys by plot. `eval/<metric>` is its own plot, which its breakdown `eval/<metric>/<x>` (e.g. F1
-    per class) joins; `eval/<set>/<metric>` of every eval set share the plot of `<metric>`."""
+    per class) joins; `eval/<set>/<metric>` of every eval set share the plot of `<metric>`. The generation
+    eval's `eval/generate/<metric>` is left out where its equal `eval/<metric>` is logged."""
     metrics = {k.removeprefix("eval/") for k in keys if k.count("/") == 1}
     groups: dict[str, list[str]] = {}
     for key in sorted(keys):
+        if key.startswith("eval/generate/") and key.removeprefix("eval/generate/") in metrics:
+            continue
         first, _, rest = key.removeprefix("eval/").partition("/")
         groups.setdefault(first if not rest or first in metrics else rest, []).append(key)
     return groups

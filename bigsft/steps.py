@@ -22,7 +22,7 @@ import torch
 from bigsft import dist
 from bigsft.data.batching import Batch
 from bigsft.data.stream import dummy_batch
-from bigsft.evaluate import PER_TOKEN_TASKS
+from bigsft.evaluate import dummy_for_task
 from bigsft.optim import (
     grad_norm_of,
     initialize_engine,
@@ -93,8 +93,7 @@ class ZeroSteps:
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
                                         offload=pre.offload_optimizer != "none")
         self.device = get_accelerator().current_device_name()
-        self.dummy = dummy_batch(per_token=self.task in PER_TOKEN_TASKS, pad_id=prepared.tokenizer.pad_token_id,
-                                 span=self.task == "question_answering")
+        self.dummy = dummy_for_task(self.task, prepared.tokenizer.pad_token_id)
         # ZeRO-0 keeps no usable norm in fp32 (none) or fp16 (a loss-scaled one): measure it here.
         self.own_grad_norm = pre.zero_stage == 0 and cfg.model.dtype in ("fp32", "fp16")
         self.caller_scales = scaled_by_caller(self.engine)

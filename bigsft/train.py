@@ -38,7 +38,7 @@ from bigsft.checkpoint import (
     lock_output_dir,
     restore_rank_state,
 )
-from bigsft.config import ConfigError, RunConfig, dump_yaml, load_config, to_dict
+from bigsft.config import ConfigError, RunConfig, dump_yaml, generation_config, load_config, to_dict
 from bigsft.data import RunData, eval_set_names, eval_sets, setup_data, train_stream, windows_in_first_epoch
 from bigsft.data.scan import SplitStats, too_many_bad
 from bigsft.data.stream import source_names
@@ -137,10 +137,11 @@ def prepare(cfg: RunConfig, launch) -> Prepared:
     data = setup_data(cfg.data, cfg.model, tokenizer)
     total_steps = total_optimizer_steps(pre, data, tokenizer)
     prompts = []
-    if cfg.eval.generate is not None:
+    generate = generation_config(cfg)
+    if generate is not None:
         from bigsft.generation import generation_prompts
 
-        prompts = generation_prompts(cfg.data, data, cfg.eval.generate.samples)
+        prompts = generation_prompts(cfg.data, data, generate.samples)
     return Prepared(pre=pre, tokenizer=tokenizer, data=data, total_steps=total_steps, ds=pre.resolved_ds(total_steps),
                     prompts=prompts)
 
@@ -284,7 +285,7 @@ class Trainer:
         self.tracker = tracking.Tracker(self.out_dir, enabled=self.is_main, wandb_cfg=self.cfg.wandb,
                                         run_config=to_dict(self.cfg), total_steps=self.state.total_steps,
                                         resume_step=self.state.step if resume else None,
-                                        run_id=self.state.tracking_run_id, console_hides=self.single_set_keys())
+                                        run_id=self.state.tracking_run_id, console_hides=self.repeated_keys())
         self.state.tracking_run_id = self.tracker.run_id
         layers, hidden = model_dims(self.pre.hf_config)
         self.meter = Meter(parameters=self.steps.parameters[0], layers=layers, hidden=hidden,
@@ -294,10 +295,11 @@ class Trainer:
         if resume is not None and resume.rank_state(self.launch.rank) is not None:
             restore_rank_state(resume.rank_state(self.launch.rank))
 
-    def single_set_keys(self) -> tuple[str, ...]:
-        """With one eval set its own keys (eval/<set>/...) repeat the aggregate: logged, not shown."""
+    def repeated_keys(self) -> tuple[str, ...]:
+        """Keys that repeat others, logged but not shown: with one eval set its own (eval/<set>/...) repeat the
+        aggregate; the generation eval's eval/generate/... repeat eval/<metric>."""
         names = eval_set_names(self.cfg.data)
-        return (f"eval/{names[0]}/",) if len(names) == 1 else ()
+        return (f"eval/{names[0]}/",) * (len(names) == 1) + ("eval/generate/",)
 
     def report_start(self) -> None:
         cfg, pre, bm, d, ds = self.cfg, self.pre, self.batch, self.cfg.data, self.prepared.ds
@@ -429,7 +431,8 @@ class Trainer:
         try:
             metrics = self.steps.evaluate(sets, stop_requested=lambda: stop.requested, report=report)
             if self.prepared.prompts:
-                scores, rows = self.steps.generate(self.prepared.prompts, self.cfg.eval.generate, self.prepared.tokenizer)
+                scores, rows = self.steps.generate(self.prepared.prompts, generation_config(self.cfg),
+                                                   self.prepared.tokenizer)
                 metrics.update(scores)
                 self.tracker.samples(rows, step, self.out_dir / "samples" / f"step_{step}.jsonl")
         except EvalInterrupted:

@@ -89,6 +89,32 @@ def build_char_tokenizer(out_dir: Path, texts: list[str]) -> Path:
     return out_dir
 
 
+T5 = {"model_type": "t5", "d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_decoder_layers": 2,
+      "num_heads": 4, "relative_attention_num_buckets": 8, "dropout_rate": 0.0}
+MARIAN = {"model_type": "marian", "d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_layers": 2,
+          "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "max_position_embeddings": 256,
+          "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+
+
+def build_seq2seq_tokenizer(out_dir: Path, texts: list[str], *, vocab_size: int = 1000) -> Path:
+    """A byte-level BPE tokenizer trained on `texts`, T5-style: <pad> 0, </s> 1 (appended to every text), <unk> 2,
+    no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
 def build_model_dir(out_dir: Path, tokenizer_dir: Path, config: dict, *, seed: int = 0,
                     task: str = "causal_lm") -> Path:
     """Random weights from a transformers config, saved with the tokenizer as a pretrained directory."""

@@ -75,12 +75,18 @@ def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
         id2label = classification_labels(data, model)
     elif model.task == "token_classification":
         id2label = tagging_labels(data, model)
+    decoder_start = target_end = None
+    if model.task == "seq2seq_lm":
+        from bigsft.model import load_hf_config, seq2seq_token_ids
+
+        decoder_start, target_end = seq2seq_token_ids(model, load_hf_config(model), tokenizer)
     build = SampleBuilder(
         tokenizer, max_length=data.max_length, system_prompt=data.system_prompt, chat_template=data.chat_template,
         train_on=data.train_on, truncation=data.truncation,
         label2id={v: k for k, v in id2label.items()} if id2label else None,
         num_labels=len(id2label) if id2label else None, subtoken_labels=data.subtoken_labels,
-        doc_stride=data.doc_stride,
+        doc_stride=data.doc_stride, max_target_length=data.max_target_length, decoder_start=decoder_start,
+        target_end=target_end,
     )
     if model.task == "causal_lm" and any(s.format in CONVERSATION_FORMATS for s in data.train):
         keep_chat_template(tokenizer, build)

@@ -17,10 +17,12 @@ from bigsft.data.tokenize import IGNORE, Sample
 @dataclass
 class Batch:
     inputs: dict[str, torch.Tensor]
-    """Model inputs: input_ids with attention_mask (padded) or position_ids (packed)."""
+    """Model inputs: input_ids with attention_mask (padded) or position_ids (packed); seq2seq adds
+    decoder_input_ids."""
     targets: torch.Tensor
     """[B, T] shifted next-token targets (-100: no loss) for causal LMs, [B, T] tags for taggers, [B] class
-    ids for classifiers, [B, 2] answer start and end tokens for extractive QA."""
+    ids for classifiers, [B, 2] answer start and end tokens for extractive QA, [B, T_target] the decoder's
+    targets for seq2seq."""
     num_targets: int
     """Trained units in this batch: labeled tokens (causal LM) or examples (classification)."""
     num_tokens: int
@@ -53,6 +55,7 @@ def collate(samples: list[Sample], *, pad_id: int, pad_to_multiple_of: int | Non
     with_types = samples[0].token_type_ids is not None
     token_type_ids = torch.zeros((n, longest), dtype=torch.long) if with_types else None
     per_token = not isinstance(samples[0].targets, int)
+    encoder_targets = per_token and samples[0].decoder_input_ids is None
     targets = torch.full((n, longest), IGNORE, dtype=torch.long) if per_token else torch.empty(n, dtype=torch.long)
     for i, s in enumerate(samples):
         length = len(s.input_ids)
@@ -60,20 +63,37 @@ def collate(samples: list[Sample], *, pad_id: int, pad_to_multiple_of: int | Non
         attention_mask[i, :length] = 1
         if token_type_ids is not None:
             token_type_ids[i, :length] = torch.tensor(s.token_type_ids)
-        if per_token:
+        if encoder_targets:
             targets[i, :length] = torch.tensor(s.targets)
-        else:
+        elif not per_token:
             targets[i] = s.targets
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None:
         inputs["token_type_ids"] = token_type_ids
+    pairs = sum(len(s.input_ids) ** 2 for s in samples)
+    num_tokens = int(attention_mask.sum())
+    if samples[0].decoder_input_ids is not None:  # seq2seq: the decoder's inputs and targets, padded on their own
+        inputs["decoder_input_ids"], targets = _decoder_side(samples, pad_id, pad_to_multiple_of)
+        num_tokens += sum(len(s.targets) for s in samples)
+        pairs += sum(len(s.targets) ** 2 + 2 * len(s.targets) * len(s.input_ids) for s in samples)
     num_targets = int((targets != IGNORE).sum()) if per_token else n
     meta = None
     if samples[0].span_end is not None:  # extractive QA: [start, end] per window
         targets = torch.stack([targets, torch.tensor([s.span_end for s in samples])], dim=1)
         meta = [s.meta for s in samples] if samples[0].meta is not None else None
-    return Batch(inputs, targets, num_targets, int(attention_mask.sum()), n,
-                 sum(len(s.input_ids) ** 2 for s in samples), meta)
+    return Batch(inputs, targets, num_targets, num_tokens, n, pairs, meta)
+
+
+def _decoder_side(samples: list[Sample], pad_id: int, pad_to_multiple_of: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T_target] decoder inputs (pad after the end) and targets (-100 after the end). The decoder is causal,
+    so the padding after a target never reaches its positions: no decoder mask is needed."""
+    longest = _round_up(max(len(s.targets) for s in samples), pad_to_multiple_of)
+    decoder_input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
+    for i, s in enumerate(samples):
+        decoder_input_ids[i, : len(s.targets)] = torch.tensor(s.decoder_input_ids)
+        targets[i, : len(s.targets)] = torch.tensor(s.targets)
+    return decoder_input_ids, targets
 
 
 def collate_packed(rows: list[list[Sample]], *, pad_id: int, pad_to_multiple_of: int | None = None) -> Batch:

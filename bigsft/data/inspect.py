@@ -75,6 +75,11 @@ def show_sample(console: Console, tokenizer, sample: Sample, title: str, *, task
             text.append(tokenizer.decode([token]) + " ", style="bold green" if inside else "dim")
         if start == 0:
             text.append("  → no answer in this window", style="bold yellow")
+    elif sample.decoder_input_ids is not None:
+        # seq2seq: what the encoder reads, then what the decoder learns to write.
+        text.append(tokenizer.decode(sample.input_ids), style="dim")
+        text.append("\n  → ", style="bold")
+        text.append(tokenizer.decode(sample.targets), style="bold green")
     elif isinstance(sample.targets, int):
         text.append(tokenizer.decode(sample.input_ids))
         text.append(f"  → label {sample.targets}", style="bold green")
@@ -140,7 +145,9 @@ def inspect(cfg: RunConfig, run_data: RunData, tokenizer, *, show: int = 3, limi
         table.add_row(f"skipped: {reason}", f"{n:,}")
     table.add_row(f"real tokens per position, padded per batch of {cfg.train.micro_batch_size}",
                   f"{summary['padded_efficiency']:.1%}")
-    table.add_row(f"real tokens per position, packed into rows of {d.max_length}", f"{summary['packed_efficiency']:.1%}")
+    if cfg.model.task == "causal_lm":  # the only task that packs
+        table.add_row(f"real tokens per position, packed into rows of {d.max_length}",
+                      f"{summary['packed_efficiency']:.1%}")
     for name, n in corpus.per_source.items():
         table.add_row(f"samples from {name}", f"{n:,}")
     console.print(table)

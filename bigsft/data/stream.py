@@ -260,9 +260,10 @@ def batches_once(streams: Sequence[SourceStream], *, micro_batch_size: int, pad_
         yield collate_packed(rows[j : j + micro_batch_size], pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def dummy_batch(*, per_token: bool, pad_id: int, span: bool = False) -> Batch:
+def dummy_batch(*, per_token: bool, pad_id: int, span: bool = False, decoder: bool = False) -> Batch:
     """A two-token batch that carries no loss: for ranks that ran out of eval data while others have not.
-    `per_token`: [1, 2] targets, all ignored; `span` (extractive QA): a [1, 2] start / end pair."""
+    `per_token`: [1, 2] targets, all ignored; `span` (extractive QA): a [1, 2] start / end pair; `decoder`
+    (seq2seq): two decoder input tokens too."""
     import torch
 
     if per_token:
@@ -270,4 +271,6 @@ def dummy_batch(*, per_token: bool, pad_id: int, span: bool = False) -> Batch:
     else:
         targets = torch.zeros((1, 2) if span else (1,), dtype=torch.long)
     inputs = {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    if decoder:
+        inputs["decoder_input_ids"] = torch.full((1, 2), pad_id, dtype=torch.long)
     return Batch(inputs, targets, 0, 0, 0)

@@ -28,6 +28,7 @@ from bigsft.data.formats import (
     Example,
     Extractive,
     Labeled,
+    Pair,
     PlainText,
     TaggedTokens,
 )
@@ -81,6 +82,9 @@ class Sample:
     meta: dict | None = None
     """Extractive QA eval windows: what maps a predicted span back to text (example key, character offsets
     of the context tokens, the context and the reference answers)."""
+    decoder_input_ids: list[int] | None = None
+    """seq2seq: the decoder's inputs, the targets shifted right behind the decoder start token (`targets[t]` is
+    what decoder position t predicts; `input_ids` is the encoder's source)."""
 
     @property
     def num_targets(self) -> int:
@@ -89,7 +93,8 @@ class Sample:
         return sum(t != IGNORE for t in self.targets)
 
     def to_state(self) -> list:
-        return [self.input_ids, self.targets, self.token_type_ids, self.truncated, self.span_end, self.meta]
+        return [self.input_ids, self.targets, self.token_type_ids, self.truncated, self.span_end, self.meta,
+                self.decoder_input_ids]
 
     @classmethod
     def from_state(cls, state: list) -> Sample:
@@ -102,7 +107,8 @@ class SampleBuilder:
     def __init__(self, tokenizer, *, max_length: int, system_prompt: str | None = None,
                  chat_template: str | None = None, train_on: str = "assistant", truncation: str = "truncate",
                  label2id: Mapping[str, int] | None = None, num_labels: int | None = None,
-                 subtoken_labels: str = "first", doc_stride: int = 128):
+                 subtoken_labels: str = "first", doc_stride: int = 128, max_target_length: int | None = None,
+                 decoder_start: int | None = None, target_end: int | None = None):
         if train_on not in TRAIN_ON:
             raise ValueError(f"train_on must be one of {TRAIN_ON}")
         self.tok = tokenizer
@@ -115,6 +121,9 @@ class SampleBuilder:
         self.num_labels = num_labels
         self.subtoken_labels = subtoken_labels
         self.doc_stride = doc_stride
+        self.max_target_length = max_target_length or max_length
+        self.decoder_start = decoder_start
+        self.target_end = target_end
         self.with_meta = False
         # subtoken_labels "all": a word's later sub-tokens continue its entity (B-X -> I-X, when I-X is a tag).
         names = {v: k for k, v in self.label2id.items()}
@@ -170,6 +179,8 @@ class SampleBuilder:
             return self._tagged(example)
         if isinstance(example, Extractive):
             return self._windows(example)
+        if isinstance(example, Pair):
+            return self._pair(example)
         raise TypeError(f"unknown example type {type(example).__name__}")
 
     # -- causal LM ----------------------------------------------------------------------------------
@@ -232,6 +243,8 @@ class SampleBuilder:
             except Exception as e:  # a template that rejects this conversation
                 raise BadRecordError(f"chat template failed: {str(e).splitlines()[0][:120]}") from None
             ids = self._encode(text)
+        elif isinstance(example, Pair):
+            return self._source(example.source)[0], example.target
         else:
             raise BadRecordError(f"{type(example).__name__} records have no prompt to answer")
         return ids[-self.max_length:], reference
@@ -412,6 +425,41 @@ class SampleBuilder:
         if not found:
             raise BadRecordError("the answer falls outside every window (a question too long for data.max_length)")
         return windows
+
+
+    # -- seq2seq --------------------------------------------------------------------------------------
+
+    def _source(self, text: str) -> tuple[list[int], bool]:
+        """The encoder's ids (the tokenizer's special tokens around them), cut to max_length; and whether cut."""
+        ids = self.tok(text, truncation=True, max_length=self.max_length + 1)["input_ids"]
+        if len(ids) <= self.max_length:
+            return ids, False
+        if self.truncation == "drop":
+            raise BadRecordError(f"source longer than data.max_length={self.max_length} (data.truncation: drop)")
+        return self.tok(text, truncation=True, max_length=self.max_length)["input_ids"], True
+
+    def _pair(self, ex: Pair) -> Sample:
+        """Source -> encoder ids; target -> the decoder's targets, ending with the end token (appended when the
+        tokenizer's own specials do not end with it), without a leading decoder start token (the decoder
+        input supplies it), cut to max_target_length with the end token kept."""
+        if self.decoder_start is None:
+            raise TypeError("a seq2seq SampleBuilder needs decoder_start")
+        source, truncated = self._source(ex.source)
+        target = self.tok(text_target=ex.target)["input_ids"]
+        if target and target[0] == self.decoder_start:
+            target = target[1:]
+        end = self.target_end
+        if end is not None and (not target or target[-1] != end):
+            target.append(end)
+        if len(target) > self.max_target_length:
+            if self.truncation == "drop":
+                raise BadRecordError(f"target longer than data.max_target_length={self.max_target_length} "
+                                     "(data.truncation: drop)")
+            target = target[: self.max_target_length - (end is not None)] + ([end] if end is not None else [])
+            truncated = True
+        if not target or (end is not None and target == [end]):
+            raise BadRecordError("the target has no token")
+        return Sample(source, target, truncated=truncated, decoder_input_ids=[self.decoder_start, *target[:-1]])
 
 
 def keep_chat_template(tokenizer, build: SampleBuilder) -> None:
