@@ -100,7 +100,7 @@ def evaluate_model(model: str, cfg: RunConfig, launch: LaunchEnv) -> dict[str, f
         metrics = evaluate(net, sets, task=cfg.model.task, num_labels=len(labels) if labels else None, device=device,
                            dummy=dummy_for_task(cfg.model.task, tokenizer.pad_token_id),
                            head=trained_positions_head(net, hf_config) if causal else None, label_names=labels,
-                           report=report)
+                           report=report, max_answer_length=cfg.eval.max_answer_length)
         rows = None
         generate = generation_config(cfg)
         if generate is not None:

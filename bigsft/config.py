@@ -292,6 +292,8 @@ class GenerateConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
+    max_answer_length: int = 30
+    """question_answering: the longest answer span, in tokens, an eval picks."""
     generate: GenerateConfig | None = None
     """Unset: no generation eval, except for seq2seq_lm with eval data, which gets the defaults
     (see `generation_config`)."""
@@ -639,6 +641,8 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"pipeline.activation_checkpoint_interval: {cfg.pipeline.activation_checkpoint_interval}; "
                       "must be >= 0")
     errors += _generate_problems(cfg)
+    if cfg.eval.max_answer_length < 1:
+        errors.append(f"eval.max_answer_length: {cfg.eval.max_answer_length}; must be >= 1")
     if not cfg.output_dir:
         errors.append("output_dir: required")
     return errors

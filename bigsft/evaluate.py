@@ -258,14 +258,15 @@ def set_metrics(names: Sequence[str], tallies: list[Tally], *, label_names: list
 def evaluate(model: Callable, sets: Sequence[tuple[str, Iterable[Batch]]], *, task: str, num_labels: int | None,
              device: torch.device | str, dummy: Batch, head: TrainedPositionsHead | None = None,
              stop_requested: Callable[[], bool] | None = None, label_names: list[str] | None = None,
-             report: dict | None = None) -> dict[str, float]:
+             report: dict | None = None, max_answer_length: int = 30) -> dict[str, float]:
     """Metrics of each named eval set and of all of them, over all ranks' batches (`set_metrics`). Ranks
     run the same number of forward passes (ZeRO-3 gathers parameters collectively): a rank out of a set's
     batches runs `dummy`, which counts for nothing, until every rank is done with the set.
     `stop_requested` (a stop signal) is polled before every batch, in the same collective: an eval
     longer than a signal's lead time must not cost the save."""
     tallies = [_tally(model, batches, task=task, num_labels=num_labels, device=device, dummy=dummy, head=head,
-                      stop_requested=stop_requested, label_names=label_names) for _, batches in sets]
+                      stop_requested=stop_requested, label_names=label_names, max_answer_length=max_answer_length)
+               for _, batches in sets]
     return set_metrics([name for name, _ in sets], reduce_tallies(tallies), label_names=label_names, report=report)
 
 

@@ -23,9 +23,16 @@ def config_int(hf_config, *names: str, default: int = 0) -> int:
 
 
 def model_dims(hf_config) -> tuple[int, int]:
-    """(layers, hidden size) of a model, across HF config naming conventions; 0 where unknown."""
-    return (config_int(hf_config, "num_hidden_layers", "n_layer", "num_layers"),
-            config_int(hf_config, "hidden_size", "n_embd", "d_model"))
+    """(layers, hidden size) of a model, across HF config naming conventions; 0 where unknown. An
+    encoder-decoder counts the layers of both stacks (T5, BART, Marian; an EncoderDecoderModel's two configs)."""
+    parts = [getattr(hf_config, side, None) for side in ("encoder", "decoder")]
+    if all(hasattr(part, "to_dict") for part in parts):
+        dims = [model_dims(part) for part in parts]
+        return sum(d[0] for d in dims), max(d[1] for d in dims)
+    layers = config_int(hf_config, "num_hidden_layers", "n_layer", "num_layers", "encoder_layers")
+    if getattr(hf_config, "is_encoder_decoder", False):
+        layers += config_int(hf_config, "num_decoder_layers", "decoder_layers", default=layers)
+    return layers, config_int(hf_config, "hidden_size", "n_embd", "d_model")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -212,9 +219,17 @@ def _warm_started_encoder_decoder(cfg: ModelConfig, hf_config, kwargs: dict):
 
     own = {**kwargs, **({"revision": cfg.revision} if cfg.revision else {})}
     both = {f"{side}_{k}": v for k, v in own.items() for side in ("encoder", "decoder")}
-    with _forked_rng():  # the new cross-attention's draw, kept out of the generator LoRA and dropout use next
-        return EncoderDecoderModel.from_encoder_decoder_pretrained(
-            resolve_model_path(cfg.name_or_path), resolve_model_path(cfg.decoder), **both)
+    from transformers.utils import logging as hf_logging
+
+    # transformers lists every new cross-attention weight as "missing": expected here, and not worth a screen.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with _forked_rng():  # the new cross-attention's draw, kept out of the generator LoRA and dropout use next
+            return EncoderDecoderModel.from_encoder_decoder_pretrained(
+                resolve_model_path(cfg.name_or_path), resolve_model_path(cfg.decoder), **both)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def allow_universal_checkpoints(module):

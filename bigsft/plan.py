@@ -150,7 +150,8 @@ def model_shape(hf_config, task: str, lora=None) -> ModelShape:
 
     layers, hidden = model_dims(hf_config)
     return ModelShape(params=params, trainable=trainable, largest_layer=largest, layers=layers, hidden=hidden,
-                      intermediate=config_int(hf_config, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
+                      intermediate=config_int(hf_config, "intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim",
+                                              default=4 * hidden) or 4 * hidden,
                       heads=config_int(hf_config, "num_attention_heads", "n_head"),
                       vocab=config_int(hf_config, "vocab_size"))
 

@@ -81,6 +81,7 @@ class ZeroSteps:
         pre, cfg = prepared.pre, prepared.pre.cfg
         self.batch, self.zero_stage, self.lora = pre.batch, pre.zero_stage, cfg.model.lora
         self.task = cfg.model.task
+        self.max_answer_length = cfg.eval.max_answer_length
         id2label = prepared.data.id2label
         self.num_labels = len(id2label) if id2label else None
         self.label_names = list(id2label.values()) if id2label else None
@@ -133,7 +134,7 @@ class ZeroSteps:
 
         return evaluate(self.engine, sets, task=self.task, num_labels=self.num_labels, device=self.device,
                         dummy=self.dummy, head=self.head, stop_requested=stop_requested,
-                        label_names=self.label_names, report=report)
+                        label_names=self.label_names, report=report, max_answer_length=self.max_answer_length)
 
     def generate(self, prompts: list, cfg, tokenizer) -> tuple[dict[str, float], list[dict]]:
         """eval.generate's scores and samples; under ZeRO-3 on several ranks, every rank steps in lockstep."""

@@ -16,6 +16,8 @@ from bigsft.ds_config import RunValues, load_ds_config, resolve_ds_config
 from bigsft.model import load_hf_config
 from bigsft.plan import Hardware, ModelShape, Strategy, activations, model_shape, model_states, plan
 
+import tiny
+
 SHAPE = ModelShape(params=6_738_415_616, trainable=6_738_415_616, largest_layer=131_072_000, layers=32, hidden=4096,
                    intermediate=11008, heads=32, vocab=32000)
 
@@ -110,3 +112,18 @@ def test_plan_command_writes_a_usable_deepspeed_json(tmp_path, tokenizer_dir):
     bad = subprocess.run([sys.executable, "-m", "bigsft", "plan", str(cfg), "--nodes", "1"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "required: --gpus-per-node, --gpu-mem" in bad.stderr
+
+
+def test_encoder_decoders_count_both_stacks():
+    """seq2seq_lm: T5 and a warm-started EncoderDecoderModel are sized from their own classes, and their layers
+    (what activations scale with) are the encoder's plus the decoder's."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, BertConfig, EncoderDecoderConfig
+
+    raw = dict(tiny.T5)
+    t5 = AutoConfig.for_model(raw.pop("model_type"), vocab_size=500, **raw)
+    shape = model_shape(t5, "seq2seq_lm")
+    assert shape.params == AutoModelForSeq2SeqLM.from_config(t5).num_parameters()
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads) == (4, 64, 128, 4)
+    bert = BertConfig(vocab_size=500, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+    pair = model_shape(EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert), "seq2seq_lm")
+    assert (pair.layers, pair.hidden) == (6, 48)

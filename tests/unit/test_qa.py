@@ -108,3 +108,37 @@ def test_a_windows_loss_does_not_depend_on_the_padding_its_batch_adds(tok):
         alone = sum(summed_loss(model, collate([w], pad_id=0), task="question_answering")[0] for w in windows)
     assert len({len(w.input_ids) for w in windows}) > 1  # the short window is padded in the batch
     assert together.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_eval_max_answer_length_bounds_the_spans_an_eval_picks(tok):
+    """eval.max_answer_length reaches the span search: a two-token answer is found with the default (30) and
+    missed with 1; the config refuses 0."""
+    from types import SimpleNamespace
+
+    from bigsft.config import ConfigError, config_from_dict
+    from bigsft.data.batching import collate
+    from bigsft.evaluate import dummy_for_task, evaluate
+
+    gamma, delta = tok.convert_tokens_to_ids(["gamma", "delta"])
+
+    class Pointer(torch.nn.Module):  # points at "gamma" (start) and "delta" (end), never at CLS
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            start = torch.where(input_ids == gamma, 5.0, -5.0)
+            end = torch.where(input_ids == delta, 5.0, -5.0)
+            start[:, 0] = end[:, 0] = -10.0
+            return SimpleNamespace(start_logits=start, end_logits=end)
+
+    context = "alpha beta gamma delta epsilon"
+    windows = SampleBuilder(tok, max_length=48).for_eval()(
+        Extractive(context, "which ones?", (("gamma delta", context.index("gamma")),), id="q"))
+
+    def exact_match(max_answer_length: int) -> float:
+        sets = [("dev", [collate(windows, pad_id=0)])]
+        return evaluate(Pointer(), sets, task="question_answering", num_labels=None, device="cpu",
+                        dummy=dummy_for_task("question_answering", 0),
+                        max_answer_length=max_answer_length)["eval/exact_match"]
+
+    assert exact_match(30) == 1.0 and exact_match(1) == 0.0
+    with pytest.raises(ConfigError, match="eval.max_answer_length: 0; must be >= 1"):
+        config_from_dict({"output_dir": "x", "model": {"name_or_path": "m", "task": "question_answering"},
+                          "data": {"train": [{"path": "t.json", "format": "squad"}]}, "eval": {"max_answer_length": 0}})
