@@ -21,12 +21,17 @@ import tiny
 
 
 @pytest.fixture(scope="module")
-def t5_tokenizer(tmp_path_factory, shared_data):
-    from transformers import AutoTokenizer
-
+def tokenizer_path(tmp_path_factory, shared_data):
     texts = [line for name in ("multi30k_train3k.en", "multi30k_train3k.de")
              for line in (shared_data / name).read_text(encoding="utf-8").splitlines()]
-    return AutoTokenizer.from_pretrained(tiny.build_seq2seq_tokenizer(tmp_path_factory.mktemp("s2s") / "tok", texts))
+    return tiny.build_seq2seq_tokenizer(tmp_path_factory.mktemp("s2s") / "tok", texts)
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer(tokenizer_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +121,34 @@ def test_batches_pad_the_decoder_side_on_its_own_and_the_summed_loss_is_transfor
     dummy = dummy_for_task("seq2seq_lm", t5_tokenizer.pad_token_id)
     with torch.no_grad():
         assert float(summed_loss(t5, dummy, task="seq2seq_lm")[0]) == 0.0 and dummy.num_targets == 0
+
+
+BART = {"model_type": "bart", "d_model": 64, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "encoder_layers": 2,
+        "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+        "max_position_embeddings": 256, "dropout": 0.0}
+
+
+@pytest.mark.parametrize("config", [tiny.T5, tiny.MARIAN, BART], ids=lambda c: c["model_type"])
+def test_built_models_shift_targets_as_transformers_does(config, tokenizer_path, t5_tokenizer):
+    """build_model gives a model from a config the tokenizer's start / end / pad ids; bigsft's decoder inputs
+    are then exactly what each architecture's own labels path builds (T5's _shift_right, BART's and Marian's
+    shift_tokens_right), so the summed loss is its mean loss times the target tokens."""
+    from bigsft.model import build_model, load_hf_config
+
+    cfg = ModelConfig(config=config, tokenizer=str(tokenizer_path), task="seq2seq_lm")
+    hf_config = load_hf_config(cfg)
+    model = build_model(cfg, hf_config, tokenizer=t5_tokenizer, seed=0).eval()
+    start, end = seq2seq_token_ids(cfg, hf_config, t5_tokenizer)
+    assert (model.config.decoder_start_token_id, model.generation_config.eos_token_id) == (start, end)
+    assert (start, end) == (t5_tokenizer.pad_token_id, t5_tokenizer.eos_token_id)  # no BOS or CLS: pad starts
+    build = builder(t5_tokenizer, cfg, hf_config)
+    batch = collate([build(Pair("Two dogs play in the snow.", "Zwei Hunde spielen im Schnee.")),
+                     build(Pair("A man.", "Ein Mann mit einem Hut schaut zu."))], pad_id=t5_tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = summed_loss(model, batch, task="seq2seq_lm")[0]
+        theirs = model(input_ids=batch.inputs["input_ids"], attention_mask=batch.inputs["attention_mask"],
+                       labels=batch.targets).loss
+    assert float(ours) / batch.num_targets == pytest.approx(float(theirs), rel=1e-5)
 
 
 def test_generation_reads_the_source_and_answers_from_the_decoder(t5_tokenizer, t5):
