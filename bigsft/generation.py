@@ -81,7 +81,7 @@ def generate(model, prompts: list[GenerationPrompt], *, tokenizer, max_new_token
     from transformers import GenerationConfig
 
     rank, world = dist.rank(), dist.world_size()
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     extra = {}
     if encoder_decoder:  # the decoder starts from its start token and stops at the model's end token
         own = model.generation_config
