@@ -40,19 +40,26 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def _byte_level_bpe(texts: list[str], *, vocab_size: int, specials: list[str], prefix_space: bool):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`, with `specials` first in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
 def build_tokenizer(out_dir: Path, *, vocab_size: int = 400) -> Path:
     """A byte-level BPE tokenizer with BOS/EOS/UNK and no pad token or chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [" ".join(str(v) for v in r.values()) for r in alpaca_records(2000, seed=123)]
     corpus += ["<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n<|im_start|>system\n"] * 50
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
+    tok = _byte_level_bpe(corpus, vocab_size=vocab_size, specials=["<unk>", "<s>", "</s>"], prefix_space=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(out_dir)
     return out_dir
@@ -99,15 +106,10 @@ MARIAN = {"model_type": "marian", "d_model": 64, "encoder_ffn_dim": 128, "decode
 def build_seq2seq_tokenizer(out_dir: Path, texts: list[str], *, vocab_size: int = 1000) -> Path:
     """A byte-level BPE tokenizer trained on `texts`, T5-style: <pad> 0, </s> 1 (appended to every text), <unk> 2,
     no BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
+    tok = _byte_level_bpe(texts, vocab_size=vocab_size, specials=["<pad>", "</s>", "<unk>"], prefix_space=True)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
