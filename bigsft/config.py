@@ -134,6 +134,9 @@ class DataConfig:
     """System message for chat-style formats when a record brings none."""
     chat_template: str | None = None
     """Jinja chat template used instead of the tokenizer's own (and of the built-in ChatML default)."""
+    prefetch: int = 2
+    """Training windows (one optimizer step's micro-batches each) prepared ahead in a background thread while the
+    current step computes; 0: each window is made when the step needs it."""
     max_bad_fraction: float = 0.05
     """Abort when more than this fraction of a split's records is unusable (checked before launch on
     the first records of each source, then as training streams)."""
@@ -784,6 +787,8 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         errors.append(f"data.validation: {v!r}; a fraction between 0 and 1, or a record count >= 1")
     if m.task == "question_answering" and not 1 <= d.doc_stride < d.max_length:
         errors.append(f"data.doc_stride: {d.doc_stride}; must be >= 1 and below data.max_length ({d.max_length})")
+    if d.prefetch < 0:
+        errors.append(f"data.prefetch: {d.prefetch}; must be >= 0 (0: no prefetching)")
     if d.max_target_length is not None and d.max_target_length < 2:
         errors.append(f"data.max_target_length: {d.max_target_length}; must be at least 2")
     if d.shuffle_buffer < 1:

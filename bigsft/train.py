@@ -25,7 +25,7 @@ import os
 import random
 import signal
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from bigsft.checkpoint import (
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, generation_config, load_config, to_dict
 from bigsft.data import RunData, eval_set_names, eval_sets, setup_data, train_stream, windows_in_first_epoch
+from bigsft.data.prefetch import Prefetcher
 from bigsft.data.scan import SplitStats, too_many_bad
 from bigsft.data.stream import source_names
 from bigsft.ds_config import offload_device
@@ -219,6 +220,7 @@ class Trainer:
         self.state = TrainState(total_steps=prepared.total_steps)
         self.results: dict[str, dict[str, float]] = {}
         self.tracker: tracking.Tracker | None = None
+        self.stream: Prefetcher | None = None
         self.grad_norm: float | None = None
         self.class_report: dict | None = None
         self.best_metrics: dict[str, float] | None = None
@@ -229,6 +231,8 @@ class Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self.stream.close()
         if self.tracker is not None:
             self.tracker.close()
         dist.destroy_process_group()
@@ -255,10 +259,14 @@ class Trainer:
         fp16 = ds.get("fp16", {})
         # A skip at the scaler's floor (or with a static scale) cannot be an fp16 warm-up: it counts as divergence.
         self.min_loss_scale = float(fp16.get("min_loss_scale", 1) if not fp16.get("loss_scale") else fp16["loss_scale"])
-        self.stats = SplitStats()
         self.dp_rank = self.batch.data_parallel_rank(self.launch.rank)
-        self.stream = train_stream(cfg.data, self.prepared.data, self.stats, seed=cfg.train.seed, batch=self.batch,
-                                   dp_rank=self.dp_rank, pad_id=self.prepared.tokenizer.pad_token_id)
+        data, produced = self.prepared.data, SplitStats()
+        if cfg.data.prefetch:  # the producer thread tokenizes with a tokenizer of its own (evals use the run's)
+            data = replace(data, build=data.build.with_own_tokenizer())
+        stream = train_stream(cfg.data, data, produced, seed=cfg.train.seed, batch=self.batch, dp_rank=self.dp_rank,
+                              pad_id=self.prepared.tokenizer.pad_token_id)
+        self.stream = Prefetcher(stream, produced, depth=cfg.data.prefetch)
+        self.stats = self.stream.stats  # the counters as of the windows trained on
         self.checkpointer = Checkpointer(self.out_dir, cfg.train.keep_last, self.launch.rank)
 
     # --------------------------------------------------------------------------------------------- resume
@@ -279,8 +287,7 @@ class Trainer:
                               f"({', '.join(sorted(p.name for p in abandoned.iterdir()))}) to {abandoned}",
                               enabled=self.is_main)
             data_state = resume.data_state()
-            self.stream.load_state_dict(data_state["stream"])
-            self.stats.load_state_dict(data_state["stats"])
+            self.stream.load_state_dict(data_state["stream"], data_state["stats"])
             self.state = TrainState.resumed(resume.trainer, self.prepared.total_steps)
         self.tracker = tracking.Tracker(self.out_dir, enabled=self.is_main, wandb_cfg=self.cfg.wandb,
                                         run_config=to_dict(self.cfg), total_steps=self.state.total_steps,
@@ -413,7 +420,7 @@ class Trainer:
                   "data/truncated": stats.truncated, "skipped_steps": self.state.skipped_steps,
                   **({"loss_scale": fp16_loss_scale(self.engine)} if loss_scale is not None else {}),
                   **tracking.memory_gb()}
-        names, drawn = source_names(d.train), self.stream.mixed.drawn
+        names, drawn = source_names(d.train), self.stream.drawn
         if len(names) > 1:
             record.update({f"data/mix/{n}": c / max(sum(drawn), 1) for n, c in zip(names, drawn)})
         self.tracker.log(record)

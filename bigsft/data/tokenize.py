@@ -138,6 +138,13 @@ class SampleBuilder:
         other.with_meta = True
         return other
 
+    def with_own_tokenizer(self) -> SampleBuilder:
+        """The same builder over a copy of the tokenizer: for a thread that tokenizes while another uses the
+        original (a fast tokenizer's settings are shared state; concurrent calls can collide on them)."""
+        other = copy.copy(self)
+        other.tok = copy.deepcopy(self.tok)
+        return other
+
     def __call__(self, example: Example) -> Sample:
         out = self.build_many([example])[0]
         if isinstance(out, BadRecordError):
