@@ -5,7 +5,8 @@
 The same Llama-style model (small vocabulary), the same instruction data (../shared/data's alpaca when
 present), the same samples per optimizer step (16: micro-batches of 8, two accumulation steps), fp32:
 
-  1. bigsft, packed rows (micro-batches of rows hold the same tokens as 16 samples)
+  1. bigsft, packed rows (micro-batches of rows hold the same tokens as 16 samples), with the next windows
+     prepared in a background thread (data.prefetch: 2, the default) and without (data.prefetch=0)
   2. bigsft, padded per micro-batch
   3. the Hugging Face Trainer, padded per batch (DataCollatorForSeq2Seq), as its users run it
      (TRL's SFTTrainer too, when installed)
@@ -52,10 +53,10 @@ def rows_per_micro_batch(cfg: Path) -> int:
     return max(1, round(8 * mean / run.data.max_length))
 
 
-def bigsft_run(cfg: Path, out: Path, packed: bool, steps: int) -> dict:
+def bigsft_run(cfg: Path, out: Path, packed: bool, steps: int, *extra: str) -> dict:
     rows = ["data.packing=true", f"train.micro_batch_size={rows_per_micro_batch(cfg)}"] if packed else []
     proc = subprocess.run([sys.executable, "-m", "bigsft.train", str(cfg), f"output_dir={out}", f"train.max_steps={steps}",
-                           *rows], capture_output=True, text=True, cwd=REPO)
+                           *rows, *extra], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         sys.exit(f"bigsft failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -104,6 +105,8 @@ def main() -> None:
                       "save_every": 10**6, "resume": "never", "seed": 0, "warmup_steps": 0},
         }))
         systems = {"bigsft packed": lambda i: bigsft_run(cfg, d / f"p{i}", True, args.steps),
+                   "bigsft packed, no prefetch": lambda i: bigsft_run(cfg, d / f"n{i}", True, args.steps,
+                                                                      "data.prefetch=0"),
                    "bigsft padded": lambda i: bigsft_run(cfg, d / f"u{i}", False, args.steps),
                    "HF Trainer": lambda i: worker_run("hf", cfg, args.steps),
                    "bare PyTorch loop": lambda i: worker_run("bare", cfg, args.steps)}
@@ -127,7 +130,8 @@ def main() -> None:
     packed = medians["bigsft packed"]
     print(f"bigsft packed / HF Trainer: {packed / medians['HF Trainer']:.2f}x   "
           f"bigsft packed / bare loop: {packed / medians['bare PyTorch loop']:.2f}x   "
-          f"bigsft padded / HF Trainer: {medians['bigsft padded'] / medians['HF Trainer']:.2f}x")
+          f"bigsft padded / HF Trainer: {medians['bigsft padded'] / medians['HF Trainer']:.2f}x   "
+          f"prefetch on / off: {packed / medians['bigsft packed, no prefetch']:.2f}x")
     losses = [statistics.median(r["eval_loss"] for r in results[k]) for k in ("bigsft packed", "bigsft padded")]
     print(f"eval loss after {args.steps} steps: packed {losses[0]:.4f}, padded {losses[1]:.4f} "
           f"(difference {abs(losses[0] - losses[1]) / losses[1]:.1%})")

@@ -5,6 +5,7 @@ Their numbers are not checked, only that they run and print their tables: the fo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -23,6 +24,10 @@ def benches(request, tmp_path_factory):
     pool.add("data_throughput", commands=lambda: [(
         [sys.executable, "bench/data_throughput.py", "--records", "300", "--memory-records", "100",
          "--max-length", "256"], env)], timeout=600, tests=("test_data_throughput_bench_runs",))
+    pool.add("data_scale", commands=lambda: [(
+        [sys.executable, "bench/data_scale.py", "--records", "200", "--sizes", "1,4", "--steps", "2", "--max-length",
+         "128", "--min-samples", "100", "--json", str(d / "scale.json"), "--plot", str(d / "scale.png")], env)],
+        timeout=600, tests=("test_data_scale_bench_runs",))
     pool.add("pipeline_bubble", commands=lambda: [(
         [sys.executable, "bench/pipeline_bubble.py", "--micro-batches", "2", "--steps", "4", "--layers", "2",
          "--hidden", "64"], env)], timeout=900, tests=("test_pipeline_bubble_bench_runs",))
@@ -43,6 +48,16 @@ def test_data_throughput_bench_runs(benches):
     assert "tokenizer alone" in out and "bigsft pipeline, packed" in out and "peak memory streaming" in out
 
 
+def test_data_scale_bench_runs(benches, tmp_path_factory):
+    proc = benches.result("data_scale")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data-parallel size" in proc.stdout and "vs 1 rank" in proc.stdout
+    scale = next(tmp_path_factory.getbasetemp().glob("benches*/scale.json"))
+    figures = json.loads(scale.read_text())["per_rank_data_s_per_step"]["cold"]
+    assert set(figures) == {"1", "4"} and all(s > 0 for s in figures.values())
+    assert next(scale.parent.glob("scale.png")).stat().st_size > 0
+
+
 def test_pipeline_bubble_bench_runs(benches):
     proc = benches.result("pipeline_bubble")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
@@ -52,7 +67,8 @@ def test_pipeline_bubble_bench_runs(benches):
 def test_throughput_bench_runs(benches):
     proc = benches.result("throughput")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    for line in ("bigsft packed", "bigsft padded", "HF Trainer", "bare PyTorch loop", "bigsft packed / HF Trainer"):
+    for line in ("bigsft packed", "bigsft packed, no prefetch", "bigsft padded", "HF Trainer", "bare PyTorch loop",
+                 "bigsft packed / HF Trainer", "prefetch on / off"):
         assert line in proc.stdout
 
 

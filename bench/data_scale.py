@@ -1,0 +1,103 @@
+"""Per-rank data cost against the data-parallel size: one rank's data path at simulated world sizes.
+
+    python bench/data_scale.py [--records 3000] [--steps 4] [--micro 2] [--sizes 1,2,4,8,16,64]
+                               [--max-length 512] [--json PATH] [--plot PATH]
+
+For each data-parallel size N it runs rank 0's training stream as a run of N ranks would (read -> parse
+-> chat template -> tokenize -> shuffle -> pack into rows -> the rank's share of each global window ->
+collate), at the same per-rank micro-batch, and reports the CPU seconds (process time: every thread,
+the tokenizer's included) one rank spends on data per optimizer step, after one warm-up step. Flat in N
+is the goal; a rank that makes the whole global window itself pays in proportion to N.
+
+The figures are the cold path (tokenizing while streaming); there is no tokenized cache yet. `--json`
+writes {"per_rank_data_s_per_step": {"cold": {"1": s, ...}}, "tokens_per_step_per_rank": ...}.
+Data: ../shared/data/alpaca_en_demo.json when present (else synthetic), repeated to --records; tokenizer:
+all-MiniLM-L6-v2's WordPiece (offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data_throughput import config, tokenizer, write_corpus
+
+
+def per_rank_seconds(corpus: Path, tok, *, size: int, steps: int, micro: int, max_length: int,
+                     min_samples: int) -> float:
+    """CPU seconds per optimizer step of rank 0's data path in a run of `size` data-parallel ranks, over at
+    least `steps` steps and `min_samples` samples drawn (the shuffle buffer refills in chunks: a few steps
+    alone would miss or catch a refill by chance)."""
+    from bigsft.batch_math import BatchMath
+    from bigsft.data import setup_data, train_stream
+    from bigsft.data.scan import SplitStats
+
+    data, model = config(corpus, max_length=max_length, micro=micro, packing=True)
+    plan = setup_data(data, model, tok)
+    batch = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=1, data_parallel_size=size)
+    stream = train_stream(data, plan, SplitStats(), seed=0, batch=batch, dp_rank=0, pad_id=tok.pad_token_id)
+    stream.next_window()  # warm-up: files opened, buffers filled
+    drawn, done = sum(stream.mixed.drawn), 0
+    start = time.process_time()
+    while done < steps or sum(stream.mixed.drawn) - drawn < min_samples:
+        stream.next_window()
+        done += 1
+    return (time.process_time() - start) / done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4, help="at least this many steps per size")
+    parser.add_argument("--min-samples", type=int, default=2000, help="and at least this many samples drawn")
+    parser.add_argument("--micro", type=int, default=2, help="packed rows per rank per step")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--sizes", default="1,2,4,8,16,64")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    tok = tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "corpus.jsonl", args.records)
+        cold = {n: per_rank_seconds(corpus, tok, size=n, steps=args.steps, micro=args.micro,
+                                    max_length=args.max_length, min_samples=args.min_samples) for n in sizes}
+    print(f"one rank's data CPU seconds per optimizer step, {args.micro} packed rows of {args.max_length} tokens per "
+          f"rank per step, all-MiniLM-L6-v2 WordPiece, mean over >= {args.steps} steps and >= {args.min_samples} samples")
+    print(f"{'data-parallel size':>20} {'cold s/step':>12} {'vs 1 rank':>10}")
+    for n in sizes:
+        print(f"{n:>20} {cold[n]:>12.4f} {cold[n] / cold[sizes[0]]:>9.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "per_rank_data_s_per_step": {"cold": {str(n): s for n, s in cold.items()}},
+            "tokens_per_step_per_rank": args.micro * args.max_length}, indent=2) + "\n")
+    if args.plot:
+        plot(cold, args.plot)
+
+
+def plot(cold: dict[int, float], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    sizes = list(cold)
+    ax.plot(sizes, [cold[n] for n in sizes], marker="o", label="cold (tokenize while streaming)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("data-parallel size")
+    ax.set_ylabel("data CPU s / step / rank")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
