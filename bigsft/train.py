@@ -306,7 +306,7 @@ class Trainer:
         """Keys that repeat others, logged but not shown: with one eval set its own (eval/<set>/...) repeat the
         aggregate; the generation eval's eval/generate/... repeat eval/<metric>."""
         names = eval_set_names(self.cfg.data)
-        return (f"eval/{names[0]}/",) * (len(names) == 1) + ("eval/generate/",)
+        return ((f"eval/{names[0]}/",) if len(names) == 1 else ()) + ("eval/generate/",)
 
     def report_start(self) -> None:
         cfg, pre, bm, d, ds = self.cfg, self.pre, self.batch, self.cfg.data, self.prepared.ds

@@ -109,3 +109,20 @@ def test_answers_stop_at_the_eos_and_rows_carry_prompt_reference_output(tok):
     assert rows[0] == {"set": "dev", "prompt": "Q1", "reference": "river stone", "output": "river stone"}
     assert metrics["eval/generate/exact_match"] == 0.5
     assert [c[1] for c in model.calls] == [False, False]  # greedy
+
+
+@pytest.mark.parametrize(("data", "hidden"), [
+    ({}, ("eval/generate/",)),  # no eval data at all
+    ({"eval": [{"path": "dev.jsonl", "format": "alpaca"}]}, ("eval/dev/", "eval/generate/")),
+    ({"eval": [{"path": "dev.jsonl", "format": "alpaca"}], "validation": 0.1}, ("eval/generate/",)),
+])
+def test_console_hides_the_keys_that_repeat_others(data, hidden):
+    """One eval set's own keys repeat the aggregate, eval/generate/... repeat eval/<metric>: logged, not shown."""
+    from types import SimpleNamespace
+
+    from bigsft.config import config_from_dict
+    from bigsft.train import Trainer
+
+    cfg = config_from_dict({"output_dir": "x", "model": {"name_or_path": "m"},
+                            "data": {"train": [{"path": "t.jsonl", "format": "alpaca"}], **data}})
+    assert Trainer.repeated_keys(SimpleNamespace(cfg=cfg)) == hidden
