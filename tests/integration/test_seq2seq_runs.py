@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -148,8 +149,12 @@ def test_seq2seq_resumes_exactly_after_a_kill(pool, runs):
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 3  # the launcher and its two ranks
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the killed run left processes alive"
     assert (out / "checkpoints" / "step_00000003").is_dir() and not (out / "final").exists()
     resumed = subprocess.run(launch_command(argv, nproc=2), env=launch_env(), cwd=REPO, capture_output=True,
                              text=True, timeout=900)
