@@ -1,7 +1,7 @@
 """Per-rank data cost against the data-parallel size: one rank's data path at simulated world sizes.
 
     python bench/data_scale.py [--records 3000] [--steps 4] [--micro 2] [--sizes 1,2,4,8,16,64]
-                               [--max-length 512] [--json PATH] [--plot PATH]
+                               [--max-length 512] [--workers N] [--json PATH] [--plot PATH]
 
 For each data-parallel size N it runs rank 0's training stream as a run of N ranks would (read -> parse
 -> chat template -> tokenize -> shuffle -> pack into rows -> the rank's share of each global window ->
@@ -9,8 +9,10 @@ collate), at the same per-rank micro-batch, and reports the CPU seconds (process
 the tokenizer's included) one rank spends on data per optimizer step, after one warm-up step. Flat in N
 is the goal; a rank that makes the whole global window itself pays in proportion to N.
 
-The figures are the cold path (tokenizing while streaming); there is no tokenized cache yet. `--json`
-writes {"per_rank_data_s_per_step": {"cold": {"1": s, ...}}, "tokens_per_step_per_rank": ...}.
+Two paths: cold (tokenizing while streaming) and cached (`bigsft data prepare` first, whose build time and
+tokens/s are reported against the tokenizer's own batched speed). `--json` writes
+{"per_rank_data_s_per_step": {"cold": {"1": s, ...}, "cached": {...}}, "cache_build": {...},
+"tokens_per_step_per_rank": ...}.
 Data: ../shared/data/alpaca_en_demo.json when present (else synthetic), repeated to --records; tokenizer:
 all-MiniLM-L6-v2's WordPiece (offline).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,11 +29,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data_throughput import config, tokenizer, write_corpus
+from data_throughput import config, tokenizer, tokenizer_tokens_per_s, write_corpus
+
+
+def build_cache(corpus: Path, tok, cache_dir: Path, *, max_length: int, micro: int, workers: int) -> dict:
+    """`bigsft data prepare`'s work on the corpus: seconds, tokens, tokens/s."""
+    from bigsft.data import setup_data
+    from bigsft.data.cache import prepare_source
+
+    data, model = config(corpus, max_length=max_length, micro=micro, packing=True)
+    plan = setup_data(data, model, tok)
+    start = time.perf_counter()
+    [done] = prepare_source(data.train[0], "data.train[0]", plan.build, str(cache_dir), workers=workers)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": done.meta["tokens"], "tokens_per_s": done.meta["tokens"] / seconds,
+            "workers": workers}
 
 
 def per_rank_seconds(corpus: Path, tok, *, size: int, steps: int, micro: int, max_length: int,
-                     min_samples: int) -> float:
+                     min_samples: int, cache_dir: Path | None = None) -> float:
     """CPU seconds per optimizer step of rank 0's data path in a run of `size` data-parallel ranks, over at
     least `steps` steps and `min_samples` samples drawn (the shuffle buffer refills in chunks: a few steps
     alone would miss or catch a refill by chance)."""
@@ -39,7 +56,8 @@ def per_rank_seconds(corpus: Path, tok, *, size: int, steps: int, micro: int, ma
     from bigsft.data.scan import SplitStats
 
     data, model = config(corpus, max_length=max_length, micro=micro, packing=True)
-    plan = setup_data(data, model, tok)
+    plan = setup_data(data, model, tok, cache_dir=str(cache_dir) if cache_dir else None)
+    assert cache_dir is None or plan.caches[0] is not None, plan.cache_notes
     batch = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=1, data_parallel_size=size)
     stream = train_stream(data, plan, SplitStats(), seed=0, batch=batch, dp_rank=0, pad_id=tok.pad_token_id)
     stream.next_window()  # warm-up: files opened, buffers filled
@@ -59,38 +77,56 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2, help="packed rows per rank per step")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--sizes", default="1,2,4,8,16,64")
+    parser.add_argument("--workers", type=int, default=None, help="cache build processes (default: every core)")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     tok = tokenizer()
+    figures: dict[str, dict[int, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / "corpus.jsonl", args.records)
-        cold = {n: per_rank_seconds(corpus, tok, size=n, steps=args.steps, micro=args.micro,
-                                    max_length=args.max_length, min_samples=args.min_samples) for n in sizes}
+        common = {"steps": args.steps, "micro": args.micro, "max_length": args.max_length,
+                  "min_samples": args.min_samples}
+        figures["cold"] = {n: per_rank_seconds(corpus, tok, size=n, **common) for n in sizes}
+        build = build_cache(corpus, tok, Path(tmp) / "cache", max_length=args.max_length, micro=args.micro,
+                            workers=args.workers or len(os.sched_getaffinity(0)))
+        figures["cached"] = {n: per_rank_seconds(corpus, tok, size=n, cache_dir=Path(tmp) / "cache", **common)
+                             for n in sizes}
+        tokenizer_speed = tokenizer_tokens_per_s(corpus, tok)
     print(f"one rank's data CPU seconds per optimizer step, {args.micro} packed rows of {args.max_length} tokens per "
           f"rank per step, all-MiniLM-L6-v2 WordPiece, mean over >= {args.steps} steps and >= {args.min_samples} samples")
-    print(f"{'data-parallel size':>20} {'cold s/step':>12} {'vs 1 rank':>10}")
+    print(f"{'data-parallel size':>20} {'cold s/step':>12} {'vs 1 rank':>10} {'cached s/step':>14} {'vs 1 rank':>10}"
+          f" {'cold/cached':>12}")
+    cold, cached = figures["cold"], figures["cached"]
     for n in sizes:
-        print(f"{n:>20} {cold[n]:>12.4f} {cold[n] / cold[sizes[0]]:>9.2f}x")
+        print(f"{n:>20} {cold[n]:>12.4f} {cold[n] / cold[sizes[0]]:>9.2f}x {cached[n]:>14.5f} "
+              f"{cached[n] / cached[sizes[0]]:>9.2f}x {cold[n] / cached[n]:>11.1f}x")
+    print(f"cache build ({build['workers']} workers): {build['tokens']} tokens in {build['seconds']:.2f} s, "
+          f"{build['tokens_per_s']:,.0f} tokens/s; the tokenizer alone, batched, one process: "
+          f"{tokenizer_speed:,.0f} tokens/s ({build['tokens_per_s'] / tokenizer_speed:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "per_rank_data_s_per_step": {"cold": {str(n): s for n, s in cold.items()}},
+            "per_rank_data_s_per_step": {kind: {str(n): s for n, s in f.items()} for kind, f in figures.items()},
+            "cache_build": {**build, "tokenizer_tokens_per_s": tokenizer_speed},
             "tokens_per_step_per_rank": args.micro * args.max_length}, indent=2) + "\n")
     if args.plot:
-        plot(cold, args.plot)
+        plot(figures, args.plot)
 
 
-def plot(cold: dict[int, float], path: str) -> None:
+def plot(figures: dict[str, dict[int, float]], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    sizes = list(cold)
-    ax.plot(sizes, [cold[n] for n in sizes], marker="o", label="cold (tokenize while streaming)")
+    labels = {"cold": "cold (tokenize while streaming)", "cached": "tokenized cache"}
+    for kind, values in figures.items():
+        sizes = list(values)
+        ax.plot(sizes, [values[n] for n in sizes], marker="o", label=labels[kind])
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("data-parallel size")
     ax.set_ylabel("data CPU s / step / rank")
     ax.legend()

@@ -112,7 +112,7 @@ def subcommand_parsers() -> dict[str, ArgumentParser]:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (holds metrics.jsonl)")
     p.add_argument("--out", metavar="PATH", help="where to write the page (default RUN_DIR/report.html)")
 
-    data = commands.add_parser("data", help="data tools: inspect", description="Data tools.")
+    data = commands.add_parser("data", help="data tools: inspect, prepare", description="Data tools.")
     data_commands = data.add_subparsers(metavar="COMMAND", parser_class=ArgumentParser)
     parsers["data"] = data
     p = parsers["data inspect"] = data_commands.add_parser(
@@ -121,14 +121,22 @@ def subcommand_parsers() -> dict[str, ArgumentParser]:
     _config_and_overrides(p)
     p.add_argument("-n", type=_at_least(0), default=3, help="samples to show (default 3)")
     p.add_argument("--limit", type=_at_least(1), metavar="RECORDS", help="read at most this many records")
+    p = parsers["data prepare"] = data_commands.add_parser(
+        "prepare", help="tokenize the training files once, into data.cache_dir",
+        description="Parse and tokenize every training file on all cores, into a memory-mapped cache in "
+                    "data.cache_dir (default: data_cache beside output_dir) that training then reads. Files "
+                    "whose entry is fresh are skipped; a changed file, tokenizer, template or setting gets a new one.")
+    _config_and_overrides(p)
+    p.add_argument("--workers", type=_at_least(1), default=None,
+                   help="tokenizing processes (default: every core of this machine)")
     return parsers
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     """(command, its arguments). Options and `key.path=value` overrides may come in any order."""
     parsers = subcommand_parsers()
-    if argv[:1] == ["data"] and argv[1:2] == ["inspect"]:
-        command, rest = "data inspect", argv[2:]
+    if argv[:1] == ["data"] and argv[1:2] in (["inspect"], ["prepare"]):
+        command, rest = f"data {argv[1]}", argv[2:]
     elif argv[:1] and argv[0] in parsers and argv[0] not in ("", "data"):
         command, rest = argv[0], argv[1:]
     else:  # --help, an unknown command (argparse names the choices), or `data` without its command

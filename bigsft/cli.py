@@ -1,4 +1,4 @@
-"""`bigsft` command line: train, validate, evaluate, plan, export, report, data inspect."""
+"""`bigsft` command line: train, validate, evaluate, plan, export, report, data inspect, data prepare."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 
 from bigsft.arguments import parse, subcommand_parsers
-from bigsft.errors import EXIT_USER, ConfigError, UserError
+from bigsft.errors import EXIT_USER, ConfigError, DataError, UserError
 
 
 def launchers_dir() -> str:
@@ -60,6 +60,46 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_command(args: argparse.Namespace) -> int:
+    """bigsft data prepare: the tokenized cache of every training file (bigsft.data.cache)."""
+    import os
+    import time
+
+    from bigsft.config import load_config
+    from bigsft.data import data_cache_dir, setup_data
+    from bigsft.data.cache import prepare_source
+    from bigsft.data.scan import too_many_bad
+    from bigsft.model import build_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    cache_dir = data_cache_dir(cfg)
+    workers = args.workers or len(os.sched_getaffinity(0))
+    run_data = setup_data(cfg.data, cfg.model, build_tokenizer(cfg.model))  # the run's own builder and labels
+    print(f"tokenized cache: {cache_dir} ({workers} worker{'s' * (workers > 1)})")
+    start, tokens, problems = time.perf_counter(), 0, []
+
+    def report(done) -> None:
+        m = done.meta
+        what = f"tokenized in {done.seconds:.1f} s" if done.built else "fresh, kept"
+        bad = f", {m['bad']} bad ({', '.join(f'{n} {r}' for r, n in m['skipped'].items())})" if m["bad"] else ""
+        print(f"  {done.path}: {m['records']} records, {m['samples']} samples, {m['tokens']} tokens{bad}; {what}")
+
+    for i, source in enumerate(cfg.data.train):
+        where = f"data.train[{i}]"
+        done = prepare_source(source, where, run_data.build, cache_dir, workers=workers, on_file=report)
+        tokens += sum(d.meta["tokens"] for d in done if d.built)
+        records = sum(d.meta["records"] for d in done)
+        bad = sum(d.meta["bad"] for d in done)
+        message = too_many_bad("train", records, bad, cfg.data.max_bad_fraction)
+        if message:
+            problems.append(f"{where}: {message}")
+    seconds = time.perf_counter() - start
+    print(f"done in {seconds:.1f} s" + (f", {tokens / seconds:,.0f} tokens/s" if tokens else ""))
+    if problems:  # the cache is written (and counts them); training would stop on these sources
+        raise DataError("; ".join(problems) + " (training would stop on them)")
+    return 0
+
+
 def export_command(args: argparse.Namespace) -> int:
     from bigsft.export import export_checkpoint
 
@@ -103,7 +143,7 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": validate_command, "data inspect": inspect_command, "export": export_command,
+COMMANDS = {"validate": validate_command, "data inspect": inspect_command, "data prepare": prepare_command, "export": export_command,
             "plan": plan_command, "evaluate": evaluate_command, "report": report_command}
 
 

@@ -134,6 +134,13 @@ class DataConfig:
     """System message for chat-style formats when a record brings none."""
     chat_template: str | None = None
     """Jinja chat template used instead of the tokenizer's own (and of the built-in ChatML default)."""
+    cache_dir: str | None = None
+    """Where `bigsft data prepare` writes the tokenized cache of the training files, and where training looks for it.
+    Unset: `data_cache` beside output_dir (runs that share a parent directory share entries)."""
+    cache: Literal["auto", "require", "off"] = "auto"
+    """`auto`: a training source whose files all have a fresh cache entry is read from it, the others are tokenized
+    while streaming; `require`: a training file without a fresh entry stops the run before launch (exit 2);
+    `off`: always tokenize while streaming."""
     prefetch: int = 2
     """Training windows (one optimizer step's micro-batches each) prepared ahead in a background thread while the
     current step computes; 0: each window is made when the step needs it."""

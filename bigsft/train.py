@@ -39,7 +39,15 @@ from bigsft.checkpoint import (
     restore_rank_state,
 )
 from bigsft.config import ConfigError, RunConfig, dump_yaml, generation_config, load_config, to_dict
-from bigsft.data import RunData, eval_set_names, eval_sets, setup_data, train_stream, windows_in_first_epoch
+from bigsft.data import (
+    RunData,
+    data_cache_dir,
+    eval_set_names,
+    eval_sets,
+    setup_data,
+    train_stream,
+    windows_in_first_epoch,
+)
 from bigsft.data.prefetch import Prefetcher
 from bigsft.data.scan import SplitStats, too_many_bad
 from bigsft.data.stream import source_names
@@ -135,7 +143,7 @@ def prepare(cfg: RunConfig, launch) -> Prepared:
     if pre.batch.pipeline_stages > 1 and len(tokenizer) > pre.hf_config.vocab_size:
         raise ConfigError("model.tokenizer: it needed a new <pad> token the checkpoint's embedding lacks; under "
                           "pipeline parallelism give the tokenizer a pad, eos or unk token")
-    data = setup_data(cfg.data, cfg.model, tokenizer)
+    data = setup_data(cfg.data, cfg.model, tokenizer, cache_dir=data_cache_dir(cfg))
     total_steps = total_optimizer_steps(pre, data, tokenizer)
     prompts = []
     generate = generation_config(cfg)
@@ -336,6 +344,8 @@ class Trainer:
                           enabled=self.is_main)
         for line in self.prepared.data.scanned["train"].first_bad:
             tracking.info(f"[yellow]skipped[/] {line}", enabled=self.is_main)
+        for line in self.prepared.data.cache_notes:
+            tracking.info(line, enabled=self.is_main)
 
     # ------------------------------------------------------------------------------------------------ fit
 

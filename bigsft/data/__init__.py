@@ -8,15 +8,17 @@ streams once ranks are known.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bigsft.batch_math import BatchMath
 from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
+from bigsft.data.cache import CacheEntry, describe_missing, look_up, require_message
 from bigsft.data.formats import CONVERSATION_FORMATS
 from bigsft.data.scan import SplitStats, label_names, scan, tag_names
-from bigsft.data.sources import Holdout, count_records, holdout_threshold
+from bigsft.data.sources import Holdout, count_records, holdout_threshold, list_files
 from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_names, source_streams
 from bigsft.data.tokenize import SampleBuilder, keep_chat_template
 
@@ -30,6 +32,10 @@ class RunData:
     scanned: dict[str, SplitStats]
     holdout_thresholds: list[int] | None = None
     """data.validation: per training source, the hash threshold of its held-out records."""
+    caches: list[dict[str, CacheEntry] | None] = field(default_factory=list)
+    """Per training source, its files' tokenized cache entries (None: the source is tokenized while streaming)."""
+    cache_notes: list[str] = field(default_factory=list)
+    """What the run says about the cache at start-up (which sources it reads, which it does not and why)."""
 
     def holdouts(self, keep: str) -> list[Holdout | None]:
         if self.holdout_thresholds is None:
@@ -69,7 +75,38 @@ def source_weights(sources: list[DataSource]) -> list[float]:
     return [float(count_records(s, f"data.train[{i}]")) or 1.0 for i, s in enumerate(sources)]
 
 
-def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
+def data_cache_dir(cfg) -> str:
+    """data.cache_dir, else `data_cache` beside the run's output_dir."""
+    return cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), "data_cache")
+
+
+def find_caches(data: DataConfig, build: SampleBuilder, cache_dir: str | None) -> tuple[list, list[str]]:
+    """Per training source, its fresh cache entries by file, when every file has one (else None), and the notes
+    the run prints; ConfigError under `data.cache: require` when a file has none."""
+    if cache_dir is None or data.cache == "off":
+        return [], []
+    caches, notes = [], []
+    for i, source in enumerate(data.train):
+        where = f"data.train[{i}]"
+        lookup = look_up(source, list_files(source, where), build, cache_dir)
+        if lookup.missing and data.cache == "require":
+            raise ConfigError(require_message(where, lookup, cache_dir))
+        if lookup.missing:
+            caches.append(None)
+            if lookup.entries or set(lookup.missing.values()) != {"not prepared"}:
+                notes.append(describe_missing(where, lookup, cache_dir) + "; tokenizing the source while streaming "
+                             "(`bigsft data prepare CONFIG` rebuilds)")
+            else:
+                notes.append(f"{where}: tokenized while streaming (`bigsft data prepare CONFIG` writes a tokenized "
+                             f"cache to {cache_dir})")
+        else:
+            caches.append(lookup.entries)
+            n = sum(e.meta["samples"] for e in lookup.entries.values())
+            notes.append(f"{where}: read from the tokenized cache ({len(lookup.entries)} files, {n} samples)")
+    return caches, notes
+
+
+def setup_data(data: DataConfig, model: ModelConfig, tokenizer, *, cache_dir: str | None = None) -> RunData:
     id2label = None
     if model.task == "sequence_classification":
         id2label = classification_labels(data, model)
@@ -96,13 +133,15 @@ def setup_data(data: DataConfig, model: ModelConfig, tokenizer) -> RunData:
     thresholds = None
     if data.validation is not None:
         thresholds = [holdout_threshold(s, f"data.train[{i}]", data.validation) for i, s in enumerate(data.train)]
-    return RunData(build, id2label, source_weights(data.train), scanned, thresholds)
+    caches, notes = find_caches(data, build, cache_dir)
+    return RunData(build, id2label, source_weights(data.train), scanned, thresholds, caches, notes)
 
 
 def train_stream(data: DataConfig, run_data: RunData, stats: SplitStats, *, seed: int, batch: BatchMath, dp_rank: int,
                  pad_id: int) -> TrainStream:
     streams = source_streams(data.train, "train", run_data.build, stats, seed=seed, dp_rank=0, dp_size=1,
-                             train=True, buffer_size=data.shuffle_buffer, holdouts=run_data.holdouts("train"))
+                             train=True, buffer_size=data.shuffle_buffer, holdouts=run_data.holdouts("train"),
+                             caches=run_data.caches)
     mixed = MixedStream(streams, run_data.weights, seed=seed)
     return TrainStream(mixed, batch=batch, dp_rank=dp_rank, pad_id=pad_id, pad_to_multiple_of=data.pad_to_multiple_of,
                        packer=Packer(data.max_length) if data.packing else None)

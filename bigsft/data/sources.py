@@ -450,8 +450,10 @@ class SourceReader:
     the records it skips are passed over before the ranks share the rest."""
 
     def __init__(self, source: DataSource, files: list[str], *, seed: int, index: int, dp_rank: int, dp_size: int,
-                 shuffle_files: bool, cycle: bool, holdout: Holdout | None = None):
+                 shuffle_files: bool, cycle: bool, holdout: Holdout | None = None, cache: dict | None = None):
         self.holdout = holdout
+        self.cache = cache or {}
+        """File -> its tokenized cache entry (bigsft.data.cache): read in place of the text, same positions."""
         self.source, self.files = source, files
         self.seed, self.index = seed, index
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -481,8 +483,11 @@ class SourceReader:
             if self._it is None:
                 p = self.pos
                 path = order[p.file_cursor]
-                self._it = iter_file(path, split=self.source.split, record=p.record, line=p.line, offset=p.offset,
-                                     format=self.source.format, target=self.targets.get(path))
+                if path in self.cache:
+                    self._it = self.cache[path].iter_records(p.record)
+                else:
+                        self._it = iter_file(path, split=self.source.split, record=p.record, line=p.line,
+                                         offset=p.offset, format=self.source.format, target=self.targets.get(path))
             try:
                 line, offset, parse = next(self._it)
             except StopIteration:

@@ -21,6 +21,7 @@ import numpy as np
 from bigsft.batch_math import BatchMath
 from bigsft.config import DataSource
 from bigsft.data.batching import Batch, Packer, collate, collate_packed
+from bigsft.data.cache import cached_samples
 from bigsft.data.formats import parser_for
 from bigsft.data.scan import SplitStats, parse_records, usable_samples
 from bigsft.data.sources import EPOCH_END, DataError, Holdout, SourceReader, list_files
@@ -69,8 +70,12 @@ class SourceStream:
                 break
             items.append(item)
         self.stats.records += len(items)
-        examples, where = parse_records(items, self.parse, self.columns, self.stats)
-        for sample in usable_samples(self.build.build_many(examples), where, self.stats):
+        if self.reader.cache:  # records of a tokenized cache: samples read from its arrays
+            samples = cached_samples(items, self.stats)
+        else:
+            examples, where = parse_records(items, self.parse, self.columns, self.stats)
+            samples = usable_samples(self.build.build_many(examples), where, self.stats)
+        for sample in samples:
             self.buffer.append(sample)
             self.epoch_samples += 1
 
@@ -217,15 +222,16 @@ def source_names(sources: Sequence[DataSource]) -> list[str]:
 
 def source_streams(sources: Sequence[DataSource], split: str, build: SampleBuilder, stats: SplitStats, *, seed: int,
                    dp_rank: int, dp_size: int, train: bool, buffer_size: int,
-                   holdouts: Sequence[Holdout | None] = ()) -> list[SourceStream]:
+                   holdouts: Sequence[Holdout | None] = (), caches: Sequence[dict | None] = ()) -> list[SourceStream]:
     """One stream per source: all records for training (every rank runs the global stream), this rank's
     records (k % dp_size == dp_rank) for a single pass of evaluation. `holdouts[i]`: which of source i's
-    records its reader passes over (data.validation)."""
+    records its reader passes over (data.validation); `caches[i]`: source i's tokenized cache entries by file."""
     streams = []
     for i, source in enumerate(sources):
         reader = SourceReader(source, list_files(source, f"data.{split}[{i}]"), seed=seed, index=i, dp_rank=dp_rank,
                               dp_size=dp_size, shuffle_files=train, cycle=train,
-                              holdout=holdouts[i] if i < len(holdouts) else None)
+                              holdout=holdouts[i] if i < len(holdouts) else None,
+                              cache=caches[i] if i < len(caches) else None)
         streams.append(SourceStream(reader, build, stats, buffer_size=buffer_size, seed=seed, shuffle=train))
     return streams
 

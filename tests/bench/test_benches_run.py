@@ -53,8 +53,11 @@ def test_data_scale_bench_runs(benches, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data-parallel size" in proc.stdout and "vs 1 rank" in proc.stdout
     scale = next(tmp_path_factory.getbasetemp().glob("benches*/scale.json"))
-    figures = json.loads(scale.read_text())["per_rank_data_s_per_step"]["cold"]
-    assert set(figures) == {"1", "4"} and all(s > 0 for s in figures.values())
+    report = json.loads(scale.read_text())
+    for kind in ("cold", "cached"):
+        figures = report["per_rank_data_s_per_step"][kind]
+        assert set(figures) == {"1", "4"} and all(s > 0 for s in figures.values())
+    assert report["cache_build"]["tokens"] > 0 and "cache build" in proc.stdout
     assert next(scale.parent.glob("scale.png")).stat().st_size > 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def runs(pool, parity_config, tmp_path_factory, llama_dir, tokenizer_dir, alpaca
     # The one-rank side is the same run for both stages: launched once.
     add("packed_one", [str(parity_config), f"output_dir={d / 'packed_one'}", *PACKED,
                        "train.gradient_accumulation_steps=4"], (packed,), launcher="plain")
+    # The packed 2-rank run again, reading a tokenized cache that `bigsft data prepare` wrote (data.cache=require
+    # stops the run if it cannot): the same batches, so the one-rank reference's losses.
+    prepared = subprocess.run([sys.executable, "-m", "bigsft", "data", "prepare", str(parity_config), *PACKED,
+                               f"data.cache_dir={d / 'prepared'}", "--workers", "2"], capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    add("packed_two_cached", ds_args(parity_config, d / "packed_two_cached", "zero3", *PACKED, "data.cache=require",
+                                     f"data.cache_dir={d / 'prepared'}"),
+        ("test_packed_streaming_from_the_tokenized_cache",), nproc=2)
     add("bf16", [str(parity_config), f"output_dir={d / 'bf16'}", "model.dtype=bf16", "deepspeed=zero2"],
         ("test_bf16_trains_on_cpu",), nproc=2)
     docs = d / "ds.json"  # as the DeepSpeed docs write it: see test_deepspeed_docs_style_json_trains
@@ -223,6 +232,15 @@ def test_packed_streaming_on_2_ranks_equals_one_rank(ds, parity_config, pool, ru
     final_eval = eval_records(two_dir)[-1]["eval/loss"]
     assert final_eval == pytest.approx(eval_records(one_dir)[-1]["eval/loss"], abs=1e-5)
     assert reload_eval_loss(parity_config, two_dir / "final", tuple(PACKED)) == pytest.approx(final_eval, abs=1e-5)
+
+
+def test_packed_streaming_from_the_tokenized_cache(pool, runs):
+    cached_dir, one_dir = trained(pool, runs, "packed_two_cached"), trained(pool, runs, "packed_one")
+    assert "read from the tokenized cache (1 files, 128 samples)" in pool.result("packed_two_cached").stdout
+    assert train_losses(cached_dir) == pytest.approx(train_losses(one_dir), abs=1e-5)
+    assert grad_norms(cached_dir) == pytest.approx(grad_norms(one_dir), rel=1e-4)
+    tokens = [[r["tokens"] for r in read_metrics(run) if "loss" in r] for run in (cached_dir, one_dir)]
+    assert tokens[0] == tokens[1]
 
 
 def weighted_config(d: Path, llama_dir: Path) -> Path:
