@@ -32,22 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_throughput import config, tokenizer, tokenizer_tokens_per_s, write_corpus
 
 
-def build_cache(corpus: Path, tok, cache_dir: Path, *, max_length: int, micro: int, workers: int) -> dict:
-    """`bigsft data prepare`'s work on the corpus: seconds, tokens, tokens/s."""
+def build_cache(corpus: Path, tok, cache_dir: Path, *, max_length: int, micro: int, workers: int, epochs: int) -> dict:
+    """`bigsft data prepare`'s work on the corpus: the tokenized cache (seconds, tokens, tokens/s), then the data
+    plan of `epochs` passes."""
     from bigsft.data import setup_data
     from bigsft.data.cache import prepare_source
+    from bigsft.data.plan import build_plan
 
     data, model = config(corpus, max_length=max_length, micro=micro, packing=True)
     plan = setup_data(data, model, tok)
     start = time.perf_counter()
     [done] = prepare_source(data.train[0], "data.train[0]", plan.build, str(cache_dir), workers=workers)
     seconds = time.perf_counter() - start
+    cached = setup_data(data, model, tok, cache_dir=str(cache_dir))
+    start = time.perf_counter()
+    build_plan(data, cached, str(cache_dir), seed=0, epochs=epochs)
     return {"seconds": seconds, "tokens": done.meta["tokens"], "tokens_per_s": done.meta["tokens"] / seconds,
-            "workers": workers}
+            "workers": workers, "plan_seconds": time.perf_counter() - start, "plan_epochs": epochs}
 
 
 def per_rank_seconds(corpus: Path, tok, *, size: int, steps: int, micro: int, max_length: int,
-                     min_samples: int, cache_dir: Path | None = None) -> float:
+                     min_samples: int, cache_dir: Path | None = None, planned: bool = False) -> float:
     """CPU seconds per optimizer step of rank 0's data path in a run of `size` data-parallel ranks, over at
     least `steps` steps and `min_samples` samples drawn (the shuffle buffer refills in chunks: a few steps
     alone would miss or catch a refill by chance)."""
@@ -59,7 +64,9 @@ def per_rank_seconds(corpus: Path, tok, *, size: int, steps: int, micro: int, ma
     plan = setup_data(data, model, tok, cache_dir=str(cache_dir) if cache_dir else None)
     assert cache_dir is None or plan.caches[0] is not None, plan.cache_notes
     batch = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=1, data_parallel_size=size)
-    stream = train_stream(data, plan, SplitStats(), seed=0, batch=batch, dp_rank=0, pad_id=tok.pad_token_id)
+    stream = train_stream(data, plan, SplitStats(), seed=0, batch=batch, dp_rank=0, pad_id=tok.pad_token_id,
+                          planned=planned)
+    assert planned == hasattr(stream, "plan"), stream.plan_note
     stream.next_window()  # warm-up: files opened, buffers filled
     drawn, done = sum(stream.mixed.drawn), 0
     start = time.process_time()
@@ -78,6 +85,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--sizes", default="1,2,4,8,16,64")
     parser.add_argument("--workers", type=int, default=None, help="cache build processes (default: every core)")
+    parser.add_argument("--plan-epochs", type=int, default=4, help="passes the data plan covers")
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--plot", default=None, help="write a PNG here (needs matplotlib)")
     args = parser.parse_args()
@@ -90,21 +98,23 @@ def main() -> None:
                   "min_samples": args.min_samples}
         figures["cold"] = {n: per_rank_seconds(corpus, tok, size=n, **common) for n in sizes}
         build = build_cache(corpus, tok, Path(tmp) / "cache", max_length=args.max_length, micro=args.micro,
-                            workers=args.workers or len(os.sched_getaffinity(0)))
-        figures["cached"] = {n: per_rank_seconds(corpus, tok, size=n, cache_dir=Path(tmp) / "cache", **common)
-                             for n in sizes}
+                            workers=args.workers or len(os.sched_getaffinity(0)), epochs=args.plan_epochs)
+        for kind, planned in (("cached", True), ("cached_walk", False)):
+            figures[kind] = {n: per_rank_seconds(corpus, tok, size=n, cache_dir=Path(tmp) / "cache", planned=planned,
+                                                 **common) for n in sizes}
         tokenizer_speed = tokenizer_tokens_per_s(corpus, tok)
     print(f"one rank's data CPU seconds per optimizer step, {args.micro} packed rows of {args.max_length} tokens per "
           f"rank per step, all-MiniLM-L6-v2 WordPiece, mean over >= {args.steps} steps and >= {args.min_samples} samples")
-    print(f"{'data-parallel size':>20} {'cold s/step':>12} {'vs 1 rank':>10} {'cached s/step':>14} {'vs 1 rank':>10}"
-          f" {'cold/cached':>12}")
-    cold, cached = figures["cold"], figures["cached"]
+    columns = {"cold": "cold", "cached_walk": "cache, walked", "cached": "cache + plan"}
+    print(f"{'data-parallel size':>20}" + "".join(f" {name + ' s/step':>22} {'vs 1':>6}" for name in columns.values())
+          + f" {'cold/plan':>10}")
     for n in sizes:
-        print(f"{n:>20} {cold[n]:>12.4f} {cold[n] / cold[sizes[0]]:>9.2f}x {cached[n]:>14.5f} "
-              f"{cached[n] / cached[sizes[0]]:>9.2f}x {cold[n] / cached[n]:>11.1f}x")
+        print(f"{n:>20}" + "".join(f" {figures[k][n]:>22.5f} {figures[k][n] / figures[k][sizes[0]]:>5.2f}x"
+                                   for k in columns) + f" {figures['cold'][n] / figures['cached'][n]:>9.1f}x")
     print(f"cache build ({build['workers']} workers): {build['tokens']} tokens in {build['seconds']:.2f} s, "
           f"{build['tokens_per_s']:,.0f} tokens/s; the tokenizer alone, batched, one process: "
-          f"{tokenizer_speed:,.0f} tokens/s ({build['tokens_per_s'] / tokenizer_speed:.2f}x)")
+          f"{tokenizer_speed:,.0f} tokens/s ({build['tokens_per_s'] / tokenizer_speed:.2f}x); data plan of "
+          f"{build['plan_epochs']} epochs: {build['plan_seconds']:.2f} s, once")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "per_rank_data_s_per_step": {kind: {str(n): s for n, s in f.items()} for kind, f in figures.items()},
@@ -121,7 +131,8 @@ def plot(figures: dict[str, dict[int, float]], path: str) -> None:
     fig = Figure(figsize=(6, 3.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    labels = {"cold": "cold (tokenize while streaming)", "cached": "tokenized cache"}
+    labels = {"cold": "cold (tokenize while streaming)", "cached_walk": "tokenized cache, every rank walks the window",
+              "cached": "tokenized cache + data plan"}
     for kind, values in figures.items():
         sizes = list(values)
         ax.plot(sizes, [values[n] for n in sizes], marker="o", label=labels[kind])

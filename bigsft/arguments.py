@@ -129,6 +129,11 @@ def subcommand_parsers() -> dict[str, ArgumentParser]:
     _config_and_overrides(p)
     p.add_argument("--workers", type=_at_least(1), default=None,
                    help="tokenizing processes (default: every core of this machine)")
+    p.add_argument("--epochs", type=_at_least(1), default=None,
+                   help="passes over the data the plan covers (default: train.epochs)")
+    p.add_argument("--world-size", type=_at_least(1), metavar="N", default=None,
+                   help="with train.max_steps: plan max_steps steps of the global batch N ranks make (default: "
+                        "WORLD_SIZE, else 1)")
     return parsers
 
 

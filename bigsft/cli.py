@@ -94,10 +94,39 @@ def prepare_command(args: argparse.Namespace) -> int:
         if message:
             problems.append(f"{where}: {message}")
     seconds = time.perf_counter() - start
-    print(f"done in {seconds:.1f} s" + (f", {tokens / seconds:,.0f} tokens/s" if tokens else ""))
+    print(f"tokenized in {seconds:.1f} s" + (f", {tokens / seconds:,.0f} tokens/s" if tokens else ""))
+    plan_data(cfg, run_data, cache_dir, epochs=args.epochs or cfg.train.epochs,
+              world_size=args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     if problems:  # the cache is written (and counts them); training would stop on these sources
         raise DataError("; ".join(problems) + " (training would stop on them)")
     return 0
+
+
+def plan_data(cfg, run_data, cache_dir: str, *, epochs: int, world_size: int) -> None:
+    """The data plan of the run (bigsft.data.plan): the global stream's rows, walked once over the cache."""
+    import time
+    from dataclasses import replace
+
+    from bigsft.batch_math import batch_math
+    from bigsft.data import find_caches
+    from bigsft.data.plan import build_plan
+
+    caches, notes = find_caches(cfg.data, run_data.build, cache_dir)
+    if not caches or None in caches:
+        print("no data plan: " + "; ".join(notes))
+        return
+    run_data = replace(run_data, caches=caches, cache_notes=notes, cache_dir=cache_dir)
+    rows = 0
+    if cfg.train.max_steps:
+        batch, problems = batch_math(cfg.train, world_size, cfg.pipeline.stages)
+        if batch is None:
+            raise ConfigError(f"--world-size {world_size}: " + "; ".join(problems))
+        rows = cfg.train.max_steps * batch.global_batch_size
+    start = time.perf_counter()
+    directory = build_plan(cfg.data, run_data, cache_dir, seed=cfg.train.seed, rows_needed=rows, epochs=epochs)
+    meta = json.loads((directory / "meta.json").read_text())
+    print(f"data plan: {directory}: {meta['rows']} {'rows' if cfg.data.packing else 'samples'} "
+          f"({meta['samples']} samples, seed {cfg.train.seed}) in {time.perf_counter() - start:.1f} s")
 
 
 def export_command(args: argparse.Namespace) -> int:

@@ -229,6 +229,7 @@ class Trainer:
         self.results: dict[str, dict[str, float]] = {}
         self.tracker: tracking.Tracker | None = None
         self.stream: Prefetcher | None = None
+        self.plan_note = ""
         self.grad_norm: float | None = None
         self.class_report: dict | None = None
         self.best_metrics: dict[str, float] | None = None
@@ -272,7 +273,8 @@ class Trainer:
         if cfg.data.prefetch:  # the producer thread tokenizes with a tokenizer of its own (evals use the run's)
             data = replace(data, build=data.build.with_own_tokenizer())
         stream = train_stream(cfg.data, data, produced, seed=cfg.train.seed, batch=self.batch, dp_rank=self.dp_rank,
-                              pad_id=self.prepared.tokenizer.pad_token_id)
+                              pad_id=self.prepared.tokenizer.pad_token_id, steps=self.prepared.total_steps)
+        self.plan_note = stream.plan_note
         self.stream = Prefetcher(stream, produced, depth=cfg.data.prefetch)
         self.stats = self.stream.stats  # the counters as of the windows trained on
         self.checkpointer = Checkpointer(self.out_dir, cfg.train.keep_last, self.launch.rank)
@@ -344,8 +346,9 @@ class Trainer:
                           enabled=self.is_main)
         for line in self.prepared.data.scanned["train"].first_bad:
             tracking.info(f"[yellow]skipped[/] {line}", enabled=self.is_main)
-        for line in self.prepared.data.cache_notes:
-            tracking.info(line, enabled=self.is_main)
+        for line in [*self.prepared.data.cache_notes, self.plan_note]:
+            if line:
+                tracking.info(line, enabled=self.is_main)
 
     # ------------------------------------------------------------------------------------------------ fit
 

@@ -65,6 +65,29 @@ def alpaca_files(assets) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def cache_corpus(tmp_path_factory, tokenizer_dir):
+    """Two alpaca sources (one split over two files) with unusable records of every stage: unreadable JSON, a
+    missing field, a sample that tokenizes to nothing trainable."""
+    d = tmp_path_factory.mktemp("cache_corpus")
+    a = tiny.alpaca_records(70, seed=3)
+    a[5] = {"instruction": "no output field"}
+    first = tiny.write_jsonl(d / "a" / "part0.jsonl", a[:40])
+    with first.open("a") as fh:
+        fh.write("{not json\n")
+    tiny.write_jsonl(d / "a" / "part1.jsonl", a[40:])
+    b = tiny.alpaca_records(30, seed=4)
+    b[3] = {"instruction": "x " * 200, "output": "y"}  # the prompt fills max_length: nothing left to train
+    second = tiny.write_jsonl(d / "b.jsonl", b)
+    from transformers import AutoTokenizer
+
+    from bigsft.config import ModelConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = ModelConfig(config={"model_type": "llama"}, tokenizer=str(tokenizer_dir))
+    return d, [str(d / "a"), str(second)], tok, model
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not found at {SHARED_DATA} (they sit beside the repo in CI)")

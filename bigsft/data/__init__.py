@@ -17,6 +17,7 @@ from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
 from bigsft.data.cache import CacheEntry, describe_missing, look_up, require_message
 from bigsft.data.formats import CONVERSATION_FORMATS
+from bigsft.data.plan import PlannedStream, open_plan
 from bigsft.data.scan import SplitStats, label_names, scan, tag_names
 from bigsft.data.sources import Holdout, count_records, holdout_threshold, list_files
 from bigsft.data.stream import MixedStream, TrainStream, batches_once, source_names, source_streams
@@ -36,6 +37,7 @@ class RunData:
     """Per training source, its files' tokenized cache entries (None: the source is tokenized while streaming)."""
     cache_notes: list[str] = field(default_factory=list)
     """What the run says about the cache at start-up (which sources it reads, which it does not and why)."""
+    cache_dir: str | None = None
 
     def holdouts(self, keep: str) -> list[Holdout | None]:
         if self.holdout_thresholds is None:
@@ -134,21 +136,44 @@ def setup_data(data: DataConfig, model: ModelConfig, tokenizer, *, cache_dir: st
     if data.validation is not None:
         thresholds = [holdout_threshold(s, f"data.train[{i}]", data.validation) for i, s in enumerate(data.train)]
     caches, notes = find_caches(data, build, cache_dir)
-    return RunData(build, id2label, source_weights(data.train), scanned, thresholds, caches, notes)
+    return RunData(build, id2label, source_weights(data.train), scanned, thresholds, caches, notes,
+                   cache_dir if caches else None)
 
 
 def train_stream(data: DataConfig, run_data: RunData, stats: SplitStats, *, seed: int, batch: BatchMath, dp_rank: int,
-                 pad_id: int) -> TrainStream:
-    streams = source_streams(data.train, "train", run_data.build, stats, seed=seed, dp_rank=0, dp_size=1,
-                             train=True, buffer_size=data.shuffle_buffer, holdouts=run_data.holdouts("train"),
-                             caches=run_data.caches)
-    mixed = MixedStream(streams, run_data.weights, seed=seed)
-    return TrainStream(mixed, batch=batch, dp_rank=dp_rank, pad_id=pad_id, pad_to_multiple_of=data.pad_to_multiple_of,
-                       packer=Packer(data.max_length) if data.packing else None)
+                 pad_id: int, steps: int | None = None, planned: bool = True) -> TrainStream | PlannedStream:
+    """This rank's training windows: read from the data plan when the tokenized cache has one for this run (and it
+    covers `steps` optimizer steps), else walked. Both give the same batches; `plan_note` says which and why."""
+    def walk() -> TrainStream:
+        streams = source_streams(data.train, "train", run_data.build, stats, seed=seed, dp_rank=0, dp_size=1,
+                                 train=True, buffer_size=data.shuffle_buffer, holdouts=run_data.holdouts("train"),
+                                 caches=run_data.caches)
+        mixed = MixedStream(streams, run_data.weights, seed=seed)
+        return TrainStream(mixed, batch=batch, dp_rank=dp_rank, pad_id=pad_id,
+                           pad_to_multiple_of=data.pad_to_multiple_of,
+                           packer=Packer(data.max_length) if data.packing else None)
+
+    note = ""
+    if planned and run_data.cache_dir is not None:
+        plan, note = open_plan(data, run_data, run_data.cache_dir, seed=seed)
+        if plan is not None and steps is not None and plan.rows < steps * batch.global_batch_size:
+            note = (f"the data plan covers {plan.rows} rows, {steps} steps of {batch.global_batch_size} need "
+                    f"{steps * batch.global_batch_size} (`bigsft data prepare CONFIG --epochs N` plans more)")
+        elif plan is not None:
+            stream = PlannedStream(plan, stats, batch=batch, dp_rank=dp_rank, pad_id=pad_id,
+                                   pad_to_multiple_of=data.pad_to_multiple_of, packing=data.packing,
+                                   n_sources=len(data.train), walk=walk)
+            stream.plan_note = f"data: windows read from the data plan {plan.dir} ({plan.rows} rows)"
+            return stream
+    stream = walk()
+    stream.plan_note = f"data: every rank walks the global stream ({note})" if note else ""
+    return stream
 
 
-def windows_in_first_epoch(stream: TrainStream) -> int:
+def windows_in_first_epoch(stream: TrainStream | PlannedStream) -> int:
     """Complete global windows (optimizer steps) before every source has been through once."""
+    if isinstance(stream, PlannedStream) and stream.walked is None:
+        return stream.first_epoch_windows()
     windows = 0
     while True:
         stream.next_global_window()

@@ -56,7 +56,7 @@ CHUNK_RECORDS = 256
 # Keys
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
@@ -69,7 +69,7 @@ def tokenizer_fingerprint(tok) -> str:
     else:
         body = json.dumps([sorted(tok.get_vocab().items()), getattr(tok, "init_kwargs", {})], default=str)
     specials = {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk", "cls", "sep")}
-    return _digest([type(tok).__name__, body, specials, getattr(tok, "add_bos_token", None),
+    return digest([type(tok).__name__, body, specials, getattr(tok, "add_bos_token", None),
                     getattr(tok, "add_eos_token", None)])
 
 
@@ -108,7 +108,7 @@ _WHAT_CHANGED = {
 
 
 def _path_pointer(cache_dir: str, path: str) -> Path:
-    return Path(cache_dir) / "paths" / f"{_digest(os.path.abspath(path))}.json"
+    return Path(cache_dir) / "paths" / f"{digest(os.path.abspath(path))}.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def look_up(source: DataSource, files: list[str], build: SampleBuilder, cache_di
             found.missing[path] = "a hub dataset (streamed, never cached)"
             continue
         parts = key_parts(source, path, build)
-        directory = Path(cache_dir) / _digest(parts)
+        directory = Path(cache_dir) / digest(parts)
         if directory.is_dir():
             try:
                 found.entries[path] = CacheEntry(directory)
@@ -385,7 +385,7 @@ def prepare_source(source: DataSource, where: str, build: SampleBuilder, cache_d
     try:
         for path in files:
             parts = key_parts(source, path, build)
-            directory = Path(cache_dir) / _digest(parts)
+            directory = Path(cache_dir) / digest(parts)
             if directory.is_dir():
                 try:
                     done.append(Prepared(path, str(directory), False, CacheEntry(directory).meta))

@@ -205,6 +205,10 @@ class TrainStream:
                 "ready": [[s.to_state() for s in row] for row in self.ready]}
 
     def load_state_dict(self, state: dict) -> None:
+        if "planned" in state:
+            raise DataError(f"the checkpoint's data position is row {state['planned']['row']} of data plan "
+                            f"{state['planned']['key']}, which this run does not read (its tokenized cache or plan "
+                            "is missing or stale); rerun `bigsft data prepare CONFIG` with the run's config")
         self.mixed.load_state_dict(state["mixed"])
         if self.packer is not None:
             self.packer.load_state_dict(state["packer"])

@@ -85,8 +85,8 @@ def runs(pool, parity_config, tmp_path_factory, llama_dir, tokenizer_dir, alpaca
     # The one-rank side is the same run for both stages: launched once.
     add("packed_one", [str(parity_config), f"output_dir={d / 'packed_one'}", *PACKED,
                        "train.gradient_accumulation_steps=4"], (packed,), launcher="plain")
-    # The packed 2-rank run again, reading a tokenized cache that `bigsft data prepare` wrote (data.cache=require
-    # stops the run if it cannot): the same batches, so the one-rank reference's losses.
+    # The packed 2-rank run again, reading a tokenized cache and data plan that `bigsft data prepare` wrote
+    # (data.cache=require stops the run if it cannot): the same batches, so the one-rank reference's losses.
     prepared = subprocess.run([sys.executable, "-m", "bigsft", "data", "prepare", str(parity_config), *PACKED,
                                f"data.cache_dir={d / 'prepared'}", "--workers", "2"], capture_output=True, text=True)
     assert prepared.returncode == 0, prepared.stderr
@@ -236,7 +236,8 @@ def test_packed_streaming_on_2_ranks_equals_one_rank(ds, parity_config, pool, ru
 
 def test_packed_streaming_from_the_tokenized_cache(pool, runs):
     cached_dir, one_dir = trained(pool, runs, "packed_two_cached"), trained(pool, runs, "packed_one")
-    assert "read from the tokenized cache (1 files, 128 samples)" in pool.result("packed_two_cached").stdout
+    output = pool.result("packed_two_cached").stdout
+    assert "read from the tokenized cache (1 files, 128 samples)" in output and "read from the data plan" in output
     assert train_losses(cached_dir) == pytest.approx(train_losses(one_dir), abs=1e-5)
     assert grad_norms(cached_dir) == pytest.approx(grad_norms(one_dir), rel=1e-4)
     tokens = [[r["tokens"] for r in read_metrics(run) if "loss" in r] for run in (cached_dir, one_dir)]

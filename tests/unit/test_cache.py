@@ -62,33 +62,14 @@ def assert_same_streams(data, run_data, cached, *, windows: int, dp_size: int = 
     return text, cache, text_stats
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer_dir):
-    """Two alpaca sources (one split over two files) with unusable records of every stage: unreadable JSON, a
-    missing field, a sample that tokenizes to nothing trainable."""
-    d = tmp_path_factory.mktemp("cache_corpus")
-    a = tiny.alpaca_records(70, seed=3)
-    a[5] = {"instruction": "no output field"}
-    first = tiny.write_jsonl(d / "a" / "part0.jsonl", a[:40])
-    with first.open("a") as fh:
-        fh.write("{not json\n")
-    tiny.write_jsonl(d / "a" / "part1.jsonl", a[40:])
-    b = tiny.alpaca_records(30, seed=4)
-    b[3] = {"instruction": "x " * 200, "output": "y"}  # the prompt fills max_length: nothing left to train
-    second = tiny.write_jsonl(d / "b.jsonl", b)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = ModelConfig(config={"model_type": "llama"}, tokenizer=str(tokenizer_dir))
-    return d, [str(d / "a"), str(second)], tok, model
-
-
 def alpaca_data(paths, **kw) -> DataConfig:
     return DataConfig(train=[DataSource(path=p, format="alpaca", weight=w) for p, w in zip(paths, (2.0, 1.0))],
                       **{"max_length": 48, "shuffle_buffer": 16, "max_bad_fraction": 1.0, **kw})
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_cached_stream_is_the_text_stream_for_every_rank(tmp_path, corpus, packing):
-    _, paths, tok, model = corpus
+def test_cached_stream_is_the_text_stream_for_every_rank(tmp_path, cache_corpus, packing):
+    _, paths, tok, model = cache_corpus
     data = alpaca_data(paths, packing=packing)
     run_data, cached = prepare(data, model, tok, tmp_path / "cache", workers=2)
     for dp_size in (1, 2, 4):
@@ -98,10 +79,10 @@ def test_cached_stream_is_the_text_stream_for_every_rank(tmp_path, corpus, packi
     assert stats.bad >= 3 and {"malformed JSON", "missing field 'output'"} <= set(stats.skipped)
 
 
-def test_a_checkpointed_state_resumes_across_modes(tmp_path, corpus):
+def test_a_checkpointed_state_resumes_across_modes(tmp_path, cache_corpus):
     """The reader positions of a cached source are the text reader's: a state saved while reading the cache
     resumes reading text (a run whose cache went stale) and the other way round."""
-    _, paths, tok, model = corpus
+    _, paths, tok, model = cache_corpus
     data = alpaca_data(paths, packing=True)
     run_data, cached = prepare(data, model, tok, tmp_path / "cache")
     (text, _), (cache, _) = streams(data, run_data, cached, dp_size=2, dp_rank=1)
@@ -118,8 +99,8 @@ def test_a_checkpointed_state_resumes_across_modes(tmp_path, corpus):
         assert same_window(cache2.next_window(), reference)
 
 
-def test_workers_write_the_same_entry(tmp_path, corpus):
-    _, paths, tok, model = corpus
+def test_workers_write_the_same_entry(tmp_path, cache_corpus):
+    _, paths, tok, model = cache_corpus
     data = alpaca_data(paths[1:])
     run_data = setup_data(data, model, tok)
     one = prepare_source(data.train[0], "data.train[0]", run_data.build, str(tmp_path / "one"), workers=1)
@@ -135,8 +116,8 @@ def test_workers_write_the_same_entry(tmp_path, corpus):
     assert not again[0].built  # fresh: kept, not rebuilt
 
 
-def test_stale_and_damaged_entries_are_never_read(tmp_path, corpus, tokenizer_dir):
-    _, paths, tok, model = corpus
+def test_stale_and_damaged_entries_are_never_read(tmp_path, cache_corpus, tokenizer_dir):
+    _, paths, tok, model = cache_corpus
     src = tmp_path / "b.jsonl"
     shutil.copy(paths[1], src)
     data = alpaca_data([str(src)])
@@ -171,8 +152,8 @@ def test_stale_and_damaged_entries_are_never_read(tmp_path, corpus, tokenizer_di
     assert setup_data(alpaca_data([str(src)], cache="off"), model, tok, cache_dir=cache_dir).caches == []
 
 
-def test_a_never_prepared_source_streams_as_text(tmp_path, corpus):
-    _, paths, tok, model = corpus
+def test_a_never_prepared_source_streams_as_text(tmp_path, cache_corpus):
+    _, paths, tok, model = cache_corpus
     rd = setup_data(alpaca_data(paths), model, tok, cache_dir=str(tmp_path / "nothing"))
     assert rd.caches == [None, None]
     assert "tokenized while streaming (`bigsft data prepare CONFIG` writes" in rd.cache_notes[0]
@@ -250,10 +231,10 @@ def test_prepare_command(tmp_path, alpaca_files, llama_dir):
     assert help_run.returncode == 0 and "--workers" in help_run.stdout
 
 
-def test_bad_records_are_reported_in_the_text_streams_order(tmp_path, corpus):
+def test_bad_records_are_reported_in_the_text_streams_order(tmp_path, cache_corpus):
     """Within a chunk the text stream reports records that fail to parse before those that fail to tokenize;
     the first reported bad records (what the run prints) come in that order from the cache too."""
-    _, _, tok, model = corpus
+    _, _, tok, model = cache_corpus
     path = tmp_path / "order.jsonl"
     rows = [json.dumps({"instruction": "x " * 200, "output": "y"}), "{broken"]
     path.write_text("\n".join(rows + [json.dumps(r) for r in tiny.alpaca_records(12, seed=9)]) + "\n")
