@@ -85,8 +85,10 @@ def test_sbatch_trains_across_two_nodes_like_two_local_ranks(cluster, slurm_conf
 
 
 def test_preempted_job_saves_requeues_and_finishes_with_the_same_losses(cluster, slurm_config, reference, tmp_path):
+    """With BIGSFT_PREPARE=1: the job tokenizes and plans the data first, trains from the plan, and resumes
+    from the checkpoint's row of it."""
     out = tmp_path / "run"
-    job = submit(cluster, tmp_path, str(slurm_config), f"output_dir={out}", *ARGS)
+    job = submit(cluster, tmp_path, str(slurm_config), f"output_dir={out}", *ARGS, env={"BIGSFT_PREPARE": "1"})
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
         assert time.time() < deadline, job_log(tmp_path, job)[-3000:]
@@ -100,6 +102,8 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_same_losses(cluster,
     assert int(info["Restarts"]) == 1
     assert "USR1 received; asking the training to save and stop" in log
     assert "checkpoint saved; requeuing job" in log and "restart 1" in log and "resumed from" in log
+    assert "data plan:" in log and "fresh, kept" in log  # prepared once; the requeued job only checked it
+    assert log.count("windows read from the data plan") == 2
     got = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got] == pytest.approx(train_losses(reference), abs=1e-6)
