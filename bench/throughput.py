@@ -6,7 +6,8 @@ The same Llama-style model (small vocabulary), the same instruction data (../sha
 present), the same samples per optimizer step (16: micro-batches of 8, two accumulation steps), fp32:
 
   1. bigsft, packed rows (micro-batches of rows hold the same tokens as 16 samples), with the next windows
-     prepared in a background thread (data.prefetch: 2, the default) and without (data.prefetch=0)
+     prepared in a background thread (data.prefetch: 2, the default) and without (data.prefetch=0), and
+     reading a tokenized cache and data plan that `bigsft data prepare` wrote before (not timed)
   2. bigsft, padded per micro-batch
   3. the Hugging Face Trainer, padded per batch (DataCollatorForSeq2Seq), as its users run it
      (TRL's SFTTrainer too, when installed)
@@ -104,7 +105,14 @@ def main() -> None:
             "train": {"micro_batch_size": 8, "gradient_accumulation_steps": 2, "lr": 3e-4, "log_every": 1,
                       "save_every": 10**6, "resume": "never", "seed": 0, "warmup_steps": 0},
         }))
+        cache = d / "cache"  # `bigsft data prepare` once, untimed, as a run at scale would have it
+        rows = rows_per_micro_batch(cfg)
+        subprocess.run([sys.executable, "-m", "bigsft", "data", "prepare", str(cfg), "data.packing=true",
+                        f"train.micro_batch_size={rows}", f"train.max_steps={args.steps}", f"data.cache_dir={cache}"],
+                       check=True, capture_output=True, cwd=REPO)
         systems = {"bigsft packed": lambda i: bigsft_run(cfg, d / f"p{i}", True, args.steps),
+                   "bigsft packed, cached": lambda i: bigsft_run(cfg, d / f"c{i}", True, args.steps,
+                                                                 f"data.cache_dir={cache}", "data.cache=require"),
                    "bigsft packed, no prefetch": lambda i: bigsft_run(cfg, d / f"n{i}", True, args.steps,
                                                                       "data.prefetch=0"),
                    "bigsft padded": lambda i: bigsft_run(cfg, d / f"u{i}", False, args.steps),
@@ -132,6 +140,9 @@ def main() -> None:
           f"bigsft packed / bare loop: {packed / medians['bare PyTorch loop']:.2f}x   "
           f"bigsft padded / HF Trainer: {medians['bigsft padded'] / medians['HF Trainer']:.2f}x   "
           f"prefetch on / off: {packed / medians['bigsft packed, no prefetch']:.2f}x")
+    cached = medians["bigsft packed, cached"]
+    print(f"with the tokenized cache: / HF Trainer {cached / medians['HF Trainer']:.2f}x   "
+          f"/ bare loop {cached / medians['bare PyTorch loop']:.2f}x")
     losses = [statistics.median(r["eval_loss"] for r in results[k]) for k in ("bigsft packed", "bigsft padded")]
     print(f"eval loss after {args.steps} steps: packed {losses[0]:.4f}, padded {losses[1]:.4f} "
           f"(difference {abs(losses[0] - losses[1]) / losses[1]:.1%})")

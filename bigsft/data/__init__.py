@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from bigsft.batch_math import BatchMath
 from bigsft.config import ConfigError, DataConfig, DataSource, ModelConfig
 from bigsft.data.batching import Batch, Packer
-from bigsft.data.cache import CacheEntry, describe_missing, look_up, require_message
+from bigsft.data.cache import HUB_NOT_CACHED, CacheEntry, describe_missing, look_up, require_message
 from bigsft.data.formats import CONVERSATION_FORMATS
 from bigsft.data.plan import PlannedStream, open_plan
 from bigsft.data.scan import SplitStats, label_names, scan, tag_names
@@ -95,7 +95,10 @@ def find_caches(data: DataConfig, build: SampleBuilder, cache_dir: str | None) -
             raise ConfigError(require_message(where, lookup, cache_dir))
         if lookup.missing:
             caches.append(None)
-            if lookup.entries or set(lookup.missing.values()) != {"not prepared"}:
+            reasons = set(lookup.missing.values())
+            if not lookup.entries and reasons == {HUB_NOT_CACHED}:
+                notes.append(f"{where}: a hub dataset, tokenized while streaming")
+            elif lookup.entries or reasons != {"not prepared"}:
                 notes.append(describe_missing(where, lookup, cache_dir) + "; tokenizing the source while streaming "
                              "(`bigsft data prepare CONFIG` rebuilds)")
             else:

@@ -48,6 +48,7 @@ from bigsft.data.sources import BadRecord, is_hub_dataset, iter_file, list_files
 from bigsft.data.tokenize import Sample, SampleBuilder
 
 CACHE_FORMAT = 1
+HUB_NOT_CACHED = "a hub dataset (streamed, never cached)"
 CHUNK_RECORDS = 256
 """Records per task a worker parses and tokenizes in one go."""
 
@@ -78,6 +79,23 @@ def _file_stamp(path: str) -> dict:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _builder_parts(build: SampleBuilder) -> dict:
+    """The builder's share of a key, worked out once per builder (a large tokenizer serializes to megabytes)."""
+    owner, parts = build.__dict__.get("_cache_key_parts", (None, None))
+    if owner != id(build):  # not worked out yet, or for the builder this one was copied from (for_eval, ...)
+        parts = {
+            "tokenizer": tokenizer_fingerprint(build.tok),
+            "template": {"chat_template": build.chat_template, "system_prompt": build.system_prompt},
+            "settings": {"max_length": build.max_length, "truncation": build.truncation, "train_on": build.train_on,
+                         "label2id": build.label2id, "num_labels": build.num_labels,
+                         "subtoken_labels": build.subtoken_labels, "doc_stride": build.doc_stride,
+                         "max_target_length": build.max_target_length, "decoder_start": build.decoder_start,
+                         "target_end": build.target_end, "with_meta": build.with_meta},
+        }
+        build.__dict__["_cache_key_parts"] = (id(build), parts)
+    return parts
+
+
 def key_parts(source: DataSource, path: str, build: SampleBuilder) -> dict:
     """Everything that changes a file's samples, grouped by what a message can name."""
     target = target_files(source).get(path)
@@ -86,13 +104,7 @@ def key_parts(source: DataSource, path: str, build: SampleBuilder) -> dict:
         "file": _file_stamp(path),
         "target file": _file_stamp(target) if target else None,
         "reading": {"format": source.format, "columns": dict(source.columns), "prefix": source.prefix},
-        "tokenizer": tokenizer_fingerprint(build.tok),
-        "template": {"chat_template": build.chat_template, "system_prompt": build.system_prompt},
-        "settings": {"max_length": build.max_length, "truncation": build.truncation, "train_on": build.train_on,
-                     "label2id": build.label2id, "num_labels": build.num_labels,
-                     "subtoken_labels": build.subtoken_labels, "doc_stride": build.doc_stride,
-                     "max_target_length": build.max_target_length, "decoder_start": build.decoder_start,
-                     "target_end": build.target_end, "with_meta": build.with_meta},
+        **_builder_parts(build),
     }
 
 
@@ -115,6 +127,12 @@ def _path_pointer(cache_dir: str, path: str) -> Path:
 # Reading an entry
 
 
+def mapped(path: Path) -> np.ndarray:
+    """A memory-mapped array (the ranks of a node share its pages), as a plain ndarray: slicing a np.memmap runs
+    Python code per slice."""
+    return np.asarray(np.load(path, mmap_mode="r"))
+
+
 @dataclass(frozen=True, slots=True)
 class CachedRecord:
     """Record `record` of a cached file, as the cached reader yields it (in place of a text record)."""
@@ -135,19 +153,16 @@ class CacheEntry:
         if self.meta.get("format") != CACHE_FORMAT:
             raise ValueError(f"cache format {self.meta.get('format')}, this bigsft reads {CACHE_FORMAT}")
 
-        def load(name: str, mmap: bool = True):
+        def load(name: str):
             f = self.dir / f"{name}.npy"
-            if not f.exists():
-                return None
-            # A plain ndarray over the mapping: slicing a np.memmap runs Python code per slice.
-            return np.asarray(np.load(f, mmap_mode="r")) if mmap else np.load(f)
+            return mapped(f) if f.exists() else None
 
-        self.records = load("records", mmap=False)
+        self.records = load("records")
         self.lines, self.offsets = load("lines"), load("offsets")
-        self.ids, self.id_starts = load("ids"), load("id_starts", mmap=False)
-        self.targets, self.target_starts = load("targets"), load("target_starts", mmap=False)
+        self.ids, self.id_starts = load("ids"), load("id_starts")
+        self.targets, self.target_starts = load("targets"), load("target_starts")
         self.token_types, self.decoder_ids = load("token_types"), load("decoder_ids")
-        self.span_end, self.truncated = load("span_end"), load("truncated", mmap=False)
+        self.span_end, self.truncated = load("span_end"), load("truncated")
         self.scalar_targets = bool(self.meta["scalar_targets"])
         self.bad = {r: (stage, reason, location) for r, stage, reason, location in
                     json.loads((self.dir / "bad.json").read_text())}
@@ -225,7 +240,7 @@ def look_up(source: DataSource, files: list[str], build: SampleBuilder, cache_di
     found = Lookup()
     for path in files:
         if is_hub_dataset(path):
-            found.missing[path] = "a hub dataset (streamed, never cached)"
+            found.missing[path] = HUB_NOT_CACHED
             continue
         parts = key_parts(source, path, build)
         directory = Path(cache_dir) / digest(parts)

@@ -41,7 +41,7 @@ import numpy as np
 
 from bigsft.batch_math import BatchMath
 from bigsft.data.batching import Batch, collate, collate_packed
-from bigsft.data.cache import CacheEntry, digest
+from bigsft.data.cache import CacheEntry, digest, mapped
 from bigsft.data.scan import SplitStats
 from bigsft.data.tokenize import Sample
 from bigsft.errors import DataError
@@ -148,10 +148,10 @@ class Plan:
         if self.meta.get("format") != PLAN_FORMAT or self.meta["entries"] != [e.dir.name for e in entries]:
             raise ValueError("written for other cache entries")
         self.entries = entries
-        self.row_starts = np.load(directory / "row_starts.npy")
-        self.refs = np.load(directory / "refs.npy", mmap_mode="r")
-        self.lengths = np.load(directory / "lengths.npy")
-        self.counters = np.load(directory / "counters.npy")
+        self.row_starts = mapped(directory / "row_starts.npy")
+        self.refs = mapped(directory / "refs.npy")
+        self.lengths = mapped(directory / "lengths.npy")
+        self.counters = mapped(directory / "counters.npy")
         bad = json.loads((directory / "bad.json").read_text())
         self.bad_rows = [b[0] for b in bad]
         self.bad = bad

@@ -70,8 +70,8 @@ def test_pipeline_bubble_bench_runs(benches):
 def test_throughput_bench_runs(benches):
     proc = benches.result("throughput")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    for line in ("bigsft packed", "bigsft packed, no prefetch", "bigsft padded", "HF Trainer", "bare PyTorch loop",
-                 "bigsft packed / HF Trainer", "prefetch on / off"):
+    for line in ("bigsft packed", "bigsft packed, no prefetch", "bigsft packed, cached", "bigsft padded", "HF Trainer",
+                 "bare PyTorch loop", "bigsft packed / HF Trainer", "prefetch on / off", "with the tokenized cache"):
         assert line in proc.stdout
 
 
