@@ -42,6 +42,7 @@ def _f1_of_export(final, sst2: str) -> float:
                     dummy=dummy_batch(per_token=False, pad_id=tok.pad_token_id))["eval/f1"]
 
 
+@pytest.mark.slow
 def test_sst2_classifier_stops_early_keeps_its_best_and_exports_it(tmp_path, shared_data):
     sst2 = str(shared_data / "sst2_dev.tsv")
     out = tmp_path / "run"

@@ -204,6 +204,7 @@ def test_every_task_caches_its_samples(tmp_path, shared_data, minilm, task):
     assert text_stats.state_dict() == cache_stats.state_dict()
 
 
+@pytest.mark.slow  # three CLI processes
 def test_prepare_command(tmp_path, alpaca_files, llama_dir):
     from conftest import causal_config
 
