@@ -51,10 +51,10 @@ def test_data_throughput_bench_runs(benches):
 def test_data_scale_bench_runs(benches, tmp_path_factory):
     proc = benches.result("data_scale")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data-parallel size" in proc.stdout and "vs 1 rank" in proc.stdout
+    assert "data-parallel size" in proc.stdout and "cache + plan s/step" in proc.stdout
     scale = next(tmp_path_factory.getbasetemp().glob("benches*/scale.json"))
     report = json.loads(scale.read_text())
-    for kind in ("cold", "cached"):
+    for kind in ("cold", "cached", "cached_walk"):
         figures = report["per_rank_data_s_per_step"][kind]
         assert set(figures) == {"1", "4"} and all(s > 0 for s in figures.values())
     assert report["cache_build"]["tokens"] > 0 and "cache build" in proc.stdout
