@@ -41,6 +41,8 @@ def validate_command(args: argparse.Namespace) -> int:
               + (f", {stats.truncated} truncated" if stats.truncated else ""))
         for line in stats.first_bad:
             print(f"  skipped {line}")
+    for line in prepared.data.cache_notes:
+        print(line)
     print(f"steps: {prepared.total_steps}" + (f", resuming at {pre.resume.trainer['step']} from {pre.resume.path}"
                                                if pre.resume else ""))
     print(f"deepspeed: {pre.ds_label} (ZeRO-{pre.zero_stage}, optimizer offload {pre.offload_optimizer})")

@@ -215,9 +215,16 @@ def test_prepare_command(tmp_path, alpaca_files, llama_dir):
     assert run.returncode == 0, run.stderr
     cache_dir = tmp_path / "data_cache"  # beside output_dir
     assert f"tokenized cache: {cache_dir}" in run.stdout and "128 records, 128 samples" in run.stdout
+    assert "data plan:" in run.stdout
     again = subprocess.run([sys.executable, "-m", "bigsft", "data", "prepare", str(config)], capture_output=True,
                            text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0 and "fresh, kept" in again.stdout
+    # validate reads the cache, and sizes two epochs from the plan as the text stream does: 128 records, batches of 4.
+    checked = subprocess.run([sys.executable, "-m", "bigsft", "validate", str(config), "train.max_steps=null",
+                              "train.epochs=2"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "data.train[0]: read from the tokenized cache (1 files, 128 samples)" in checked.stdout
+    assert "steps: 64" in checked.stdout
     # Past the first records the pre-launch scan reads, too many unusable ones: their counts are kept, and the
     # command ends with exit 2, saying that training would stop.
     bad = tiny.write_jsonl(tmp_path / "bad.jsonl", tiny.alpaca_records(260) + [{"instruction": "x"}] * 40)
