@@ -1,106 +1,129 @@
-"""The data plan: windows read from it are the walked stream's (rows, rank shares, counters, draws), on any
-world size, across epochs, through checkpoints; a missing or short plan falls back to walking, and a plan's
-position never resumes a stream that cannot read it."""
+"""The planner: DeepSpeed's own estimators agree with it; it prefers what fits; its JSON is usable."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from test_cache import alpaca_data, prepare, same_window
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from bigsft.batch_math import BatchMath
-from bigsft.data import train_stream, windows_in_first_epoch
-from bigsft.data.plan import PlannedStream, build_plan
-from bigsft.data.scan import SplitStats
-from bigsft.data.sources import DataError
+from bigsft.config import config_from_dict
+from bigsft.ds_config import RunValues, load_ds_config, resolve_ds_config
+from bigsft.model import load_hf_config
+from bigsft.plan import Hardware, ModelShape, Strategy, activations, model_shape, model_states, plan
 
-SEED = 7
+import tiny
 
-
-def planned(tmp_path, cache_corpus, *, packing: bool, epochs: int = 3, **kw):
-    _, paths, tok, model = cache_corpus
-    data = alpaca_data(paths, packing=packing, **kw)
-    run_data, cached = prepare(data, model, tok, tmp_path / "cache")
-    assert build_plan(data, cached, str(tmp_path / "cache"), seed=SEED, epochs=epochs) is not None
-    return data, run_data, cached
+SHAPE = ModelShape(params=6_738_415_616, trainable=6_738_415_616, largest_layer=131_072_000, layers=32, hidden=4096,
+                   intermediate=11008, heads=32, vocab=32000)
 
 
-def pair(data, run_data, cached, *, dp_size, dp_rank, micro=2, accum=2, steps=None):
-    batch = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=accum, data_parallel_size=dp_size)
-    out = []
-    for rd in (run_data, cached):
-        stats = SplitStats()
-        out.append((train_stream(data, rd, stats, seed=SEED, batch=batch, dp_rank=dp_rank, pad_id=0, steps=steps),
-                    stats))
-    return out
+@pytest.mark.parametrize(("gpus", "nodes"), [(1, 1), (8, 1), (8, 4)])
+def test_zero2_matches_deepspeeds_estimator(gpus, nodes):
+    hw = Hardware(gpus_per_node=gpus, nodes=nodes, gpu_mem_gib=80, cpu_mem_gib=1000)
+    for offload in (False, True):
+        s = Strategy(zero=2, offload_optimizer="cpu" if offload else "none")
+        gpu, host, _ = model_states(SHAPE, s, dtype="bf16", hw=hw)
+        ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(SHAPE.params, gpus, nodes, cpu_offload=offload)
+        assert (int(gpu), int(host)) == (ds_gpu, ds_cpu)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_planned_windows_are_the_walked_ones_on_every_rank(tmp_path, cache_corpus, packing):
-    data, run_data, cached = planned(tmp_path, cache_corpus, packing=packing)
-    for dp_size in (1, 2, 4):
-        for dp_rank in range(dp_size):
-            (walked, walked_stats), (plan, plan_stats) = pair(data, run_data, cached, dp_size=dp_size,
-                                                              dp_rank=dp_rank, accum=4 // dp_size)
-            assert isinstance(plan, PlannedStream) and not isinstance(walked, PlannedStream)
-            for w in range(28):
-                assert same_window(walked.next_window(), plan.next_window()), (dp_size, dp_rank, w)
-                assert plan_stats.state_dict() == walked_stats.state_dict()
-                assert plan.mixed.drawn == walked.mixed.drawn
-                assert plan.mixed.epochs_completed() == walked.mixed.epochs_completed()
-            assert walked.mixed.epochs_completed() >= 1 and walked_stats.bad >= 3
+@pytest.mark.parametrize(("gpus", "nodes"), [(1, 1), (8, 1), (8, 4)])
+@pytest.mark.parametrize(("optimizer", "params"), [("none", "none"), ("cpu", "none"), ("cpu", "cpu")])
+def test_zero3_matches_deepspeeds_estimator(gpus, nodes, optimizer, params):
+    hw = Hardware(gpus_per_node=gpus, nodes=nodes, gpu_mem_gib=80, cpu_mem_gib=1000)
+    gpu, host, _ = model_states(SHAPE, Strategy(zero=3, offload_optimizer=optimizer, offload_param=params),
+                                dtype="bf16", hw=hw)
+    ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(SHAPE.params, SHAPE.largest_layer, gpus, nodes,
+                                                           cpu_offload=optimizer != "none",
+                                                           cpu_offload_params=params != "none", zero_init=True)
+    assert int(gpu) == ds_gpu and int(host) == int(ds_cpu)
 
 
-def test_first_epoch_sizing_is_the_walked_one(tmp_path, cache_corpus):
-    data, run_data, cached = planned(tmp_path, cache_corpus, packing=True, epochs=1)
-    for accum in (1, 3, 8):
-        (walked, walked_stats), (plan, plan_stats) = pair(data, run_data, cached, dp_size=2, dp_rank=0, accum=accum)
-        assert windows_in_first_epoch(plan) == windows_in_first_epoch(walked)
-        assert plan_stats.state_dict() == walked_stats.state_dict()
+def test_checkpointing_and_sdpa_shrink_activations():
+    kw = {"micro_batch": 4, "seq": 2048, "dtype": "bf16", "pipeline": 1, "accumulation": 1}
+    full = activations(SHAPE, checkpointing=False, attention="eager", **kw)
+    sdpa = activations(SHAPE, checkpointing=False, attention="sdpa", **kw)
+    ckpt = activations(SHAPE, checkpointing=True, attention="sdpa", **kw)
+    assert full > sdpa > ckpt
+    logits = 2048 * 4 * 32000 * 6 * 2
+    assert sdpa - logits == pytest.approx(32 * 2048 * 4 * 4096 * (15 + 19 * 11008 / (4 * 4096)))
 
 
-def test_resume_from_a_plan_position_and_from_a_walked_one(tmp_path, cache_corpus):
-    data, run_data, cached = planned(tmp_path, cache_corpus, packing=True)
-    (walked, _), (plan, _) = pair(data, run_data, cached, dp_size=2, dp_rank=1)
-    for _ in range(6):
-        walked.next_window()
-        plan.next_window()
-    plan_state = json.loads(json.dumps(plan.state_dict()))
-    walked_state = json.loads(json.dumps(walked.state_dict()))
-    assert plan_state == {"planned": {"key": plan.plan.meta["key"], "row": 6 * 8}}
-    (_, _), (again, again_stats) = pair(data, run_data, cached, dp_size=2, dp_rank=1)
-    (_, _), (from_walk, _) = pair(data, run_data, cached, dp_size=2, dp_rank=1)
-    again.load_state_dict(plan_state)
-    from_walk.load_state_dict(walked_state)  # a checkpoint from before the plan existed: it walks on
-    assert from_walk.walked is not None
-    # The same global batch on 4 ranks (a run resumed on another world size): rank 1's share of the same rows.
-    (wider_walk, _), (wider, _) = pair(data, run_data, cached, dp_size=4, dp_rank=1, accum=1)
-    for _ in range(6):
-        wider_walk.next_window()
-    wider.load_state_dict(plan_state)
-    for _ in range(8):
-        reference = walked.next_window()
-        assert same_window(again.next_window(), reference)
-        assert same_window(from_walk.next_window(), reference)
-        assert same_window(wider.next_window(), wider_walk.next_window())
-    assert again_stats.state_dict() == walked.mixed.streams[0].stats.state_dict()
-    # A stream without the plan cannot resume from a row of it: a clear message, exit code 2.
-    with pytest.raises(DataError, match="row 48 of data plan .*bigsft data prepare"):
-        walked.load_state_dict(plan_state)
+def llama7b(**model) -> object:
+    return config_from_dict({
+        "model": {"config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                             "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000},
+                  "tokenizer": "x", "dtype": "bf16", **model},
+        "data": {"train": [{"path": "x.jsonl", "format": "alpaca"}], "max_length": 2048},
+        "train": {"micro_batch_size": 4, "global_batch_size": 64}, "output_dir": "x"})
 
 
-def test_missing_or_short_plans_walk(tmp_path, cache_corpus):
-    data, run_data, cached = planned(tmp_path, cache_corpus, packing=True, epochs=1)
-    (_, _), (short, _) = pair(data, run_data, cached, dp_size=2, dp_rank=0, steps=10_000)
-    assert not isinstance(short, PlannedStream) and "the data plan covers" in short.plan_note
-    other = pair(data, run_data, cached, dp_size=2, dp_rank=0, steps=2)[1][0]
-    assert isinstance(other, PlannedStream) and "read from the data plan" in other.plan_note
-    reseeded = train_stream(data, cached, SplitStats(), seed=SEED + 1, pad_id=0, dp_rank=0,
-                            batch=BatchMath(micro_batch_size=1, gradient_accumulation_steps=1, data_parallel_size=1))
-    assert not isinstance(reseeded, PlannedStream) and "no data plan for this seed" in reseeded.plan_note
-    # A plan past its end says so instead of repeating or inventing rows.
-    (_, _), (plan, _) = pair(data, run_data, cached, dp_size=1, dp_rank=0, accum=64)
-    with pytest.raises(DataError, match="ends at row"):
-        for _ in range(100):
-            plan.next_window()
+def test_meta_device_counts_7b_without_allocating_it():
+    cfg = llama7b()
+    shape = model_shape(load_hf_config(cfg.model), "causal_lm")
+    assert shape.params == SHAPE.params and shape.largest_layer == SHAPE.largest_layer
+    lora = model_shape(load_hf_config(cfg.model), "causal_lm", config_from_dict({
+        **{"model": {"config": {"model_type": "llama"}, "tokenizer": "x", "lora": {"r": 8}}},
+        "data": {"train": [{"path": "x", "format": "alpaca"}]}, "output_dir": "x"}).model.lora)
+    assert 0 < lora.trainable < lora.params / 50
+
+
+def test_plan_prefers_the_fastest_that_fits_and_lora_fits_where_full_does_not():
+    hw = Hardware(gpus_per_node=1, nodes=1, gpu_mem_gib=24, cpu_mem_gib=64)
+    cfg = llama7b(gradient_checkpointing=True)
+    results = plan(cfg, load_hf_config(cfg.model), hw)
+    assert not any(e.fits for e in results if e.strategy.offload_optimizer == "none")  # 7B on one 24 GiB GPU
+    lora_cfg = llama7b(gradient_checkpointing=True, lora={"r": 16})
+    best = next(e for e in plan(lora_cfg, load_hf_config(lora_cfg.model), hw) if e.fits)
+    assert best.strategy.offload_optimizer == "none"
+    big = Hardware(gpus_per_node=8, nodes=1, gpu_mem_gib=80, cpu_mem_gib=1000)
+    ranked = plan(cfg, load_hf_config(cfg.model), big)
+    fitting = [e for e in ranked if e.fits]
+    assert fitting[0].step_seconds / fitting[0].tokens_per_step <= min(e.step_seconds / e.tokens_per_step
+                                                                        for e in fitting)
+
+
+def test_plan_command_writes_a_usable_deepspeed_json(tmp_path, tokenizer_dir):
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n')
+    cfg.write_text(yaml.safe_dump({"model": {"config": {"model_type": "llama", "hidden_size": 512,
+                                                        "num_hidden_layers": 4, "num_attention_heads": 8,
+                                                        "intermediate_size": 1024, "vocab_size": 400},
+                                             "tokenizer": str(tokenizer_dir)},
+                                   "data": {"train": [{"path": str(train), "format": "alpaca"}], "max_length": 512},
+                                   "train": {"micro_batch_size": 2, "global_batch_size": 16}}))
+    out = tmp_path / "planned.json"
+    proc = subprocess.run([sys.executable, "-m", "bigsft", "plan", str(cfg), "--gpus-per-node", "2", "--nodes", "1",
+                           "--gpu-mem", "8", "--cpu-mem", "16", "--write", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "recommended: ZeRO-" in proc.stdout and f"deepspeed={out}" in proc.stdout
+    raw, label = load_ds_config(str(out))
+    values = RunValues(batch=BatchMath(micro_batch_size=2, gradient_accumulation_steps=4, data_parallel_size=2), lr=1e-4,
+                       adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0, max_grad_norm=1.0, dtype="fp32")
+    assert json.dumps(resolve_ds_config(raw, label, values, accelerator="cpu"))
+    bad = subprocess.run([sys.executable, "-m", "bigsft", "plan", str(cfg), "--nodes", "1"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "required: --gpus-per-node, --gpu-mem" in bad.stderr
+
+
+def test_encoder_decoders_count_both_stacks():
+    """seq2seq_lm: T5 and a warm-started EncoderDecoderModel are sized from their own classes, and their layers
+    (what activations scale with) are the encoder's plus the decoder's."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, BertConfig, EncoderDecoderConfig
+
+    raw = dict(tiny.T5)
+    t5 = AutoConfig.for_model(raw.pop("model_type"), vocab_size=500, **raw)
+    shape = model_shape(t5, "seq2seq_lm")
+    assert shape.params == AutoModelForSeq2SeqLM.from_config(t5).num_parameters()
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads) == (4, 64, 128, 4)
+    bert = BertConfig(vocab_size=500, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+    pair = model_shape(EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert), "seq2seq_lm")
+    assert (pair.layers, pair.hidden) == (6, 48)
