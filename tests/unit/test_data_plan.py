@@ -1,6 +1,6 @@
-"""The data plan (bigsft.data.plan): windows read from it are the walked stream's (rows, rank shares, counters, draws), on any
-world size, across epochs, through checkpoints; a missing or short plan falls back to walking, and a plan's
-position never resumes a stream that cannot read it."""
+"""The data plan (bigsft.data.plan): windows read from it are the walked stream's (rows, rank shares, counters,
+draws), on any world size, across epochs, through checkpoints; a missing or short plan falls back to walking, and
+a plan's position never resumes a stream that cannot read it."""
 
 from __future__ import annotations
 
