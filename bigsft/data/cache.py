@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigsft.config import ConfigError, DataSource
+from bigsft.config import DataSource
 from bigsft.data.formats import BadRecordError, parser_for
 from bigsft.data.scan import SplitStats
 from bigsft.data.sources import BadRecord, is_hub_dataset, iter_file, list_files, target_files
@@ -461,8 +461,3 @@ def require_message(where: str, lookup: Lookup, cache_dir: str) -> str:
     return (describe_missing(where, lookup, cache_dir) + "; run `bigsft data prepare CONFIG` first, or set "
             "data.cache=auto to tokenize while streaming")
 
-
-def check_workers(workers: int) -> int:
-    if workers < 1:
-        raise ConfigError(f"--workers: {workers}; must be >= 1")
-    return workers
