@@ -23,12 +23,20 @@ class BatchMath:
     """Micro-batches per rank per optimizer step: the length of every training window."""
     data_parallel_size: int
     pipeline_stages: int = 1
+    sequence_parallel: int = 1
+    """Ranks that split each row along the sequence (`bigsft.sequence_parallel`); they read the same rows."""
     eval_micro_batch_size: int | None = None
     """Samples per rank per eval forward pass; None: micro_batch_size."""
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel_size * self.pipeline_stages
+        return self.data_parallel_size * self.pipeline_stages * self.sequence_parallel
+
+    @property
+    def gradient_ranks(self) -> int:
+        """Ranks DeepSpeed averages gradients over (and sizes its batch by): the data-parallel ranks, times the
+        sequence-parallel ranks, whose gradients are parts of one row's and add up."""
+        return self.data_parallel_size * self.sequence_parallel
 
     @property
     def eval_micro(self) -> int:
@@ -36,8 +44,9 @@ class BatchMath:
 
     def data_parallel_rank(self, rank: int) -> int:
         """DeepSpeed's pipe x data grid puts data-parallel ranks innermost: rank = stage * dp + dp_rank, so
-        the pipeline stages of one replica share a dp_rank and see the same data."""
-        return rank % self.data_parallel_size
+        the pipeline stages of one replica share a dp_rank and see the same data. The ranks of a
+        sequence-parallel group are consecutive: rank = dp_rank * sequence_parallel + sp_rank."""
+        return rank // self.sequence_parallel % self.data_parallel_size
 
     @property
     def global_batch_size(self) -> int:
@@ -47,17 +56,21 @@ class BatchMath:
         return (f"micro {self.micro_batch_size} × accumulation {self.gradient_accumulation_steps} × "
                 f"data-parallel {self.data_parallel_size} = global {self.global_batch_size} {unit} per step"
                 + (f" (world {self.world_size} = {self.pipeline_stages} pipeline stages × "
-                   f"{self.data_parallel_size} data-parallel)" if self.pipeline_stages > 1 else ""))
+                   f"{self.data_parallel_size} data-parallel)" if self.pipeline_stages > 1 else "")
+                + (f" (world {self.world_size} = {self.data_parallel_size} data-parallel × {self.sequence_parallel} "
+                   "sequence-parallel)" if self.sequence_parallel > 1 else ""))
 
 
 def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int,
-               saved_global_batch: int | None = None) -> tuple[BatchMath | None, list[str]]:
+               saved_global_batch: int | None = None, sequence_parallel: int = 1) -> tuple[BatchMath | None, list[str]]:
     """`saved_global_batch`: the global batch of the checkpoint this run resumes. It is kept on any world
     size, so every step trains on the samples it would have (accumulation is derived again), and a config
     that asks for another global batch is refused rather than silently changing the run."""
     if world_size % pipeline_stages:
         return None, [f"pipeline.stages: {pipeline_stages} does not divide the world size {world_size}"]
-    dp = world_size // pipeline_stages
+    if world_size % sequence_parallel:
+        return None, [f"sequence_parallel.size: {sequence_parallel} does not divide the world size {world_size}"]
+    dp = world_size // pipeline_stages // sequence_parallel
     micro, accum, target = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
     per_accum_step = micro * dp
     if saved_global_batch is not None:
@@ -79,7 +92,8 @@ def batch_math(train: TrainConfig, world_size: int, pipeline_stages: int,
                 f"data-parallel world {dp} = {accum * per_accum_step}, but train.global_batch_size is {target}"
             ]
     math = BatchMath(micro_batch_size=micro, gradient_accumulation_steps=accum or 1, data_parallel_size=dp,
-                     pipeline_stages=pipeline_stages, eval_micro_batch_size=train.eval_micro_batch_size)
+                     pipeline_stages=pipeline_stages, sequence_parallel=sequence_parallel,
+                     eval_micro_batch_size=train.eval_micro_batch_size)
     return math, []
 
 

@@ -136,7 +136,9 @@ def identity_problems(saved: dict, current: dict, path: Path) -> tuple[list[str]
                    else "use the checkpoint's settings, or another output_dir")
             problems.append(f"checkpoint {path} was written with {what} {saved.get(key)!r}, this run has "
                             f"{current.get(key)!r}; {fix}")
-    return problems, saved.get("data_parallel_size") != current.get("data_parallel_size")
+    # DeepSpeed partitions over data-parallel × sequence-parallel ranks (it is not told of the groups).
+    partitions = [d.get("data_parallel_size", 1) * d.get("sequence_parallel", 1) for d in (saved, current)]
+    return problems, partitions[0] != partitions[1]
 
 
 def check_safe_to_unpickle(path: Path) -> None:
@@ -276,14 +278,15 @@ class ResumePoint:
 
 
 def run_identity(*, hf_config, task: str, num_labels: int | None, dtype: str, zero_stage: int,
-                 pipeline_stages: int, data_parallel_size: int, global_batch_size: int | None = None) -> dict:
+                 pipeline_stages: int, data_parallel_size: int, global_batch_size: int | None = None,
+                 sequence_parallel: int = 1) -> dict:
     """What a checkpoint records about the run that wrote it, to refuse resuming a different one, and the
     global batch a resume keeps on any world size."""
     size = "/".join(f"{k}{getattr(hf_config, k)}" for k in ("vocab_size", "hidden_size", "num_hidden_layers", "n_embd",
                                                           "n_layer") if isinstance(getattr(hf_config, k, None), int))
     return {"model": f"{hf_config.model_type}/{size}", "task": task, "num_labels": num_labels, "dtype": dtype,
             "zero_stage": zero_stage, "pipeline_stages": pipeline_stages, "data_parallel_size": data_parallel_size,
-            "global_batch_size": global_batch_size}
+            "global_batch_size": global_batch_size, "sequence_parallel": sequence_parallel}
 
 
 def find_resume_point(output_dir: str, resume: str, identity: dict) -> ResumePoint | None:

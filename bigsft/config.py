@@ -261,6 +261,13 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SequenceParallelConfig:
+    size: int = 1
+    """Ranks each row is split over along the sequence (DeepSpeed Ulysses); 1: none. Causal LMs with sdpa
+    or flash-attention; it must divide the attention heads, and size × data-parallel ranks = the world."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class WandbConfig:
     """W&B settings. A key left unset defers to W&B's own environment variable (what cluster jobs set),
     then to bigsft's default: a key in the config > WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY /
@@ -320,6 +327,7 @@ class RunConfig:
     """DeepSpeed JSON: a path, a file name in ds_configs/ (`zero3.json`, or just `zero3`), or an inline
     dict. Fields that duplicate the run config should be "auto"."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sequence_parallel: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -650,11 +658,33 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.pipeline.activation_checkpoint_interval < 0:
         errors.append(f"pipeline.activation_checkpoint_interval: {cfg.pipeline.activation_checkpoint_interval}; "
                       "must be >= 0")
+    errors += _sequence_parallel_problems(cfg)
     errors += _generate_problems(cfg)
     if cfg.eval.max_answer_length < 1:
         errors.append(f"eval.max_answer_length: {cfg.eval.max_answer_length}; must be >= 1")
     if not cfg.output_dir:
         errors.append("output_dir: required")
+    return errors
+
+
+def _sequence_parallel_problems(cfg: RunConfig) -> list[str]:
+    size = cfg.sequence_parallel.size
+    if size < 1:
+        return [f"sequence_parallel.size: {size}; must be >= 1"]
+    if size == 1:
+        return []
+    errors = []
+    if cfg.pipeline.stages > 1:
+        errors.append("sequence_parallel.size: sequence parallelism does not combine with pipeline.stages > 1; "
+                      "use ZeRO (any stage, with offload) with sequence parallelism")
+    if cfg.model.task != "causal_lm":
+        errors.append(f"sequence_parallel.size: sequence parallelism splits a decoder's rows; model.task is "
+                      f"{cfg.model.task}, set sequence_parallel.size=1")
+    attention = cfg.model.attn_implementation
+    if attention not in (None, "sdpa", "flash_attention_2", "flash_attention_3"):
+        errors.append(f"model.attn_implementation: {attention!r} cannot run sequence-parallel (eager attention "
+                      "needs the whole [T, T] mask; flex_attention's mask is rebuilt causal-only); use sdpa or "
+                      "flash_attention_2")
     return errors
 
 

@@ -181,7 +181,9 @@ def resolve_ds_config(raw: dict, label: str, run: RunValues, *, accelerator: str
     f.fill(ds, "train_micro_batch_size_per_gpu", run.batch.micro_batch_size, run_key="train.micro_batch_size", where="")
     f.fill(ds, "gradient_accumulation_steps", run.batch.gradient_accumulation_steps,
            run_key="train.gradient_accumulation_steps", where="")
-    f.fill(ds, "train_batch_size", run.batch.global_batch_size, run_key=batch_math, where="")
+    # Under sequence parallelism DeepSpeed counts each rank of a group as a data-parallel one.
+    f.fill(ds, "train_batch_size", run.batch.global_batch_size * run.batch.sequence_parallel, run_key=batch_math,
+           where="")
     f.fill(ds, "gradient_clipping", run.max_grad_norm, run_key="train.max_grad_norm", where="")
 
     optimizer = ds.get("optimizer")

@@ -114,17 +114,20 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
     from bigsft.data.sources import list_files
     from bigsft.dist import accelerator_name, fp16_supported
     from bigsft.model import load_hf_config, task_problems
+    from bigsft.sequence_parallel import sequence_parallel_problems
 
     errors: list[str] = []
     accelerator = accelerator_name()
     fp16_kernels = fp16_supported()
-    batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages)
+    sp = cfg.sequence_parallel.size
+    batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages, sequence_parallel=sp)
     errors += problems
 
     hf_config = None
     try:
         hf_config = load_hf_config(cfg.model)
         errors += task_problems(hf_config, cfg.model.task, cfg.model.trust_remote_code)
+        errors += sequence_parallel_problems(hf_config, sp)
         if cfg.pipeline.stages > 1:
             from bigsft.model import resolve_model_path
             from bigsft.pipe import pipeline_problems
@@ -174,13 +177,14 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
             hf_config=hf_config, task=m.task, num_labels=m.num_labels or (len(m.labels) if m.labels else None),
             dtype=m.dtype, zero_stage=zero_stage(ds), pipeline_stages=cfg.pipeline.stages,
             data_parallel_size=batch.data_parallel_size, global_batch_size=batch.global_batch_size,
-        )
+            sequence_parallel=sp)
         try:
             resume = find_resume_point(cfg.output_dir, cfg.train.resume, identity)
         except ConfigError as e:
             errors += e.problems
         if resume is not None and resume.global_batch_size is not None:
-            batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages, resume.global_batch_size)
+            batch, problems = batch_math(cfg.train, launch.world_size, cfg.pipeline.stages, resume.global_batch_size,
+                                         sequence_parallel=sp)
             errors += problems
             identity["global_batch_size"] = resume.global_batch_size
     if errors:

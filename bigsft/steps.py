@@ -12,9 +12,10 @@ step's gradient does not depend on how the batch fell into micro-batches and ran
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +82,12 @@ class ZeroSteps:
         pre, cfg = prepared.pre, prepared.pre.cfg
         self.batch, self.zero_stage, self.lora = pre.batch, pre.zero_stage, cfg.model.lora
         self.task = cfg.model.task
+        model_cfg, self.sp = cfg.model, None
+        if pre.batch.sequence_parallel > 1:
+            from bigsft.sequence_parallel import SequenceParallel
+
+            model_cfg = replace(cfg.model, attn_implementation=cfg.model.attn_implementation or "sdpa")
+            self.sp = SequenceParallel(pre.batch.sequence_parallel, pre.hf_config, model_cfg.attn_implementation)
         self.max_answer_length = cfg.eval.max_answer_length
         id2label = prepared.data.id2label
         self.num_labels = len(id2label) if id2label else None
@@ -88,7 +95,9 @@ class ZeroSteps:
         # Under ZeRO-3 transformers sees this object and builds the model already partitioned; it must
         # live as long as the engine.
         self._hf_ds_config = HfDeepSpeedConfig(ds) if pre.zero_stage == 3 else None
-        model = build_model(cfg.model, pre.hf_config, tokenizer=prepared.tokenizer, id2label=id2label, seed=cfg.train.seed)
+        model = build_model(model_cfg, pre.hf_config, tokenizer=prepared.tokenizer, id2label=id2label, seed=cfg.train.seed)
+        if self.sp is not None:
+            self.sp.check_model(model)
         self.head = trained_positions_head(model, pre.hf_config) if self.task == "causal_lm" else None
         self.parameters = count_parameters(model)
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
@@ -106,8 +115,8 @@ class ZeroSteps:
     def train_step(self, window: list[Batch], counts: WindowCounts) -> StepResult:
         engine = self.engine
         # Each micro-batch contributes sum-of-losses / trained units of the whole global batch;
-        # DeepSpeed averages gradients over data-parallel ranks, hence the factor dp.
-        scale = self.batch.data_parallel_size / counts.targets
+        # DeepSpeed averages gradients over data-parallel (× sequence-parallel) ranks, hence that factor.
+        scale = self.batch.gradient_ranks / counts.targets
         caller_scale = float(engine.optimizer.loss_scale) if self.caller_scales else 1.0
         loss_sum = torch.zeros((), dtype=torch.float64)
         grad_norm = None
@@ -123,18 +132,32 @@ class ZeroSteps:
         applied = engine.was_step_applied()
         return StepResult(float(loss_sum), grad_norm if self.own_grad_norm else _norm(engine), applied, applied)
 
+    def shard(self, window: list[Batch]) -> list[Batch]:
+        """This rank's part of its data-parallel replica's micro-batches: under sequence parallelism its slice
+        of every row; else all of them."""
+        return window if self.sp is None else [self.sp.shard(b) for b in window]
+
     def forward(self, micro: Batch):
         from bigsft.evaluate import summed_loss
 
-        return summed_loss(self.engine, micro.to(self.device), task=self.task, head=self.head)
+        with self._split_attention():
+            return summed_loss(self.engine, micro.to(self.device), task=self.task, head=self.head)
+
+    def _split_attention(self):
+        return self.sp.active() if self.sp is not None else contextlib.nullcontext()
 
     def evaluate(self, sets: list[tuple[str, Iterable[Batch]]], stop_requested: Callable[[], bool],
                  report: dict | None = None) -> dict[str, float]:
         from bigsft.evaluate import evaluate
 
-        return evaluate(self.engine, sets, task=self.task, num_labels=self.num_labels, device=self.device,
-                        dummy=self.dummy, head=self.head, stop_requested=stop_requested,
-                        label_names=self.label_names, report=report, max_answer_length=self.max_answer_length)
+        dummy = self.dummy
+        if self.sp is not None:
+            sets = [(name, map(self.sp.shard, batches)) for name, batches in sets]
+            dummy = self.sp.shard(dummy)
+        with self._split_attention():
+            return evaluate(self.engine, sets, task=self.task, num_labels=self.num_labels, device=self.device,
+                            dummy=dummy, head=self.head, stop_requested=stop_requested,
+                            label_names=self.label_names, report=report, max_answer_length=self.max_answer_length)
 
     def generate(self, prompts: list, cfg, tokenizer) -> tuple[dict[str, float], list[dict]]:
         """eval.generate's scores and samples; under ZeRO-3 on several ranks, every rank steps in lockstep."""
@@ -176,6 +199,9 @@ class PipelineSteps:
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
                                         offload=pre.offload_optimizer != "none", zero0=zero0)
         self.dummy = dummy_batch(per_token=True, pad_id=prepared.tokenizer.pad_token_id)
+
+    def shard(self, window: list[Batch]) -> list[Batch]:
+        return window
 
     def train_step(self, window: list[Batch], counts: WindowCounts) -> StepResult:
         from bigsft import pipe

@@ -331,8 +331,9 @@ class Trainer:
             ("precision", cfg.model.dtype + (", gradient checkpointing" if cfg.model.gradient_checkpointing else "")),
             ("strategy", f"ZeRO-{pre.zero_stage}" + (f", optimizer offload to {offload}" if offload != "none" else "")
              + (f", parameter offload to {param_offload}" if param_offload != "none" else "")),
-            ("world", f"{bm.world_size} rank(s): {bm.data_parallel_size} data-parallel × {bm.pipeline_stages} "
-                      f"pipeline stage(s), {pre.accelerator}"),
+            ("world", f"{bm.world_size} rank(s): {bm.data_parallel_size} data-parallel × "
+                      + (f"{bm.sequence_parallel} sequence-parallel" if bm.sequence_parallel > 1
+                         else f"{bm.pipeline_stages} pipeline stage(s)") + f", {pre.accelerator}"),
             ("batch", bm.describe(f"rows of {d.max_length}" if d.packing else "samples")),
             ("data", ", ".join(f"{n} {w / sum(weights):.0%}" for n, w in zip(names, weights))
              + (", packed" if d.packing else "")),
@@ -372,7 +373,7 @@ class Trainer:
                 tracking.info(f"[yellow]stopping early at step {state.step}[/]: {self.early_stop_reason()}",
                               enabled=self.is_main)
                 break
-            window = self.stream.next_window()
+            window = self.steps.shard(self.stream.next_window())
             counts = WindowCounts.of(window, self.batch.pipeline_stages)
             lr, loss_scale = engine.get_lr()[0], fp16_loss_scale(engine)
             if counts.targets > 0:
