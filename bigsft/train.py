@@ -341,9 +341,11 @@ class Trainer:
             ("output", str(self.out_dir)),
         ])
         if resume:
-            converted = resume.trainer["identity"]["data_parallel_size"]
+            written = resume.trainer["identity"]
+            sp = written.get("sequence_parallel", 1)
+            converted = f"{written['data_parallel_size']} data-parallel" + (f" × {sp} sequence-parallel" if sp > 1 else "")
             tracking.info(f"resumed from {resume.path} at step {self.state.step}"
-                          + (f" (converted from {converted} data-parallel ranks)" if resume.universal else ""),
+                          + (f" (converted from {converted} ranks)" if resume.universal else ""),
                           enabled=self.is_main)
         for line in self.prepared.data.scanned["train"].first_bad:
             tracking.info(f"[yellow]skipped[/] {line}", enabled=self.is_main)
