@@ -99,6 +99,15 @@ class ModelConfig:
     """Training precision. bf16/fp16 keep fp32 master weights in the optimizer."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    tiled_loss: bool = False
+    """causal_lm: compute the LM head and its loss over tiles of trained tokens, each recomputed in backward,
+    so the [tokens × vocab] logits never exist whole (Llama, Mistral, Qwen2/3, GPT-2, Phi-3 families)."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over tiles of the sequence, recomputed in backward (DeepSpeed ALST's
+    TiledMLP): its [tokens × intermediate] activations exist one tile at a time."""
+    tile_tokens: int | None = None
+    """Tokens per tile of tiled_loss / tiled_mlp; unset: tiles of at most 256 MiB of fp32 logits for the loss,
+    the hidden size for the MLP."""
     trust_remote_code: bool = False
     """Allow modelling code from the checkpoint's repository to run. Off unless you trust it."""
     attn_implementation: str | None = None
@@ -748,6 +757,13 @@ def _model_problems(cfg: RunConfig) -> list[str]:
                 f"model.labels has {len(m.labels)} names but model.num_labels is {m.num_labels}: make them agree"
             )
 
+    if m.tiled_loss and m.task != "causal_lm":
+        errors.append(f"model.tiled_loss: tiles a causal LM's logits; model.task is {m.task}")
+    if (m.tiled_loss or m.tiled_mlp) and cfg.pipeline.stages > 1:
+        errors.append("model.tiled_loss / model.tiled_mlp: not with pipeline.stages > 1 (each stage runs its own "
+                      "layers); use ZeRO, with sequence_parallel.size for long rows")
+    if m.tile_tokens is not None and m.tile_tokens < 1:
+        errors.append(f"model.tile_tokens: {m.tile_tokens}; must be >= 1")
     if m.lora is not None:
         if m.lora.r < 1:
             errors.append(f"model.lora.r: {m.lora.r}; must be >= 1")

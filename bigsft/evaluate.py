@@ -29,12 +29,15 @@ GENERATIVE_TASKS = ("causal_lm", "seq2seq_lm")
 def summed_loss(model: Callable, batch: Batch, *, task: str,
                 head: TrainedPositionsHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropies over the batch's targets in fp32, logits). With `head` (a causal LM), the
-    LM head runs only where a target is, and the logits are [trained tokens, vocab]."""
+    LM head runs only where a target is, and the logits are [trained tokens, vocab]; with a tiled head
+    (model.tiled_loss) the second item is the argmax token ids instead in eval, and None in training."""
     extra = {"use_cache": False} if task in GENERATIVE_TASKS else {}
     if head is not None:
         mask = batch.targets != IGNORE
         with head.selecting(mask):
             logits = model(**batch.inputs, **extra).logits
+        if head.tile_tokens:  # no whole logits: the predictions (token ids) in their place, for eval
+            return head.tiled_loss(batch.targets[mask])
         return F.cross_entropy(logits.float(), batch.targets[mask], reduction="sum"), logits
     if task == "question_answering":
         # A window's loss: the mean of its start and end cross-entropies over its own tokens (padding left out,
@@ -298,7 +301,7 @@ def _tally(model: Callable, batches: Iterable[Batch], *, task: str, num_labels: 
             for meta, window in zip(batch.meta, logits.detach().cpu()):
                 answers.add(meta, window[:, 0], window[:, 1], max_answer_length)
             continue
-        pred = logits.argmax(-1).cpu()
+        pred = (logits if logits.dtype == torch.long else logits.argmax(-1)).cpu()  # a tiled head predicted
         targets = batch.targets.cpu()
         if head is not None:  # the logits are the trained positions' only
             tally.correct += int((pred == targets[targets != IGNORE]).sum())

@@ -359,7 +359,7 @@ HEAD_ON_TRAINED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt
 
 
 class TrainedPositionsHead:
-    """Runs the LM head only at positions that carry a loss.
+    """Runs the LM head only at positions that carry a loss, optionally in tiles.
 
     Prompt, system and pad positions need no logits: in SFT they are often half the tokens, and the head
     ([tokens, vocab], plus the fp32 copy the loss takes) is the largest activation of a model with a big
@@ -368,16 +368,28 @@ class TrainedPositionsHead:
     computation as before, so losses and gradients are unchanged. Installed only for the families in
     `HEAD_ON_TRAINED_FAMILIES`; the hook is a no-op outside `selecting()`, so generation and export see
     the stock model.
+
+    With `tile_tokens` (model.tiled_loss) the hook keeps the selected hidden states and gives the head none
+    (the model returns [0, vocab] logits); `tiled_loss` then runs head and cross-entropy over tiles of
+    `tile_tokens` rows, each tile under non-reentrant activation checkpointing: a tile's logits are freed
+    once its loss is summed and recomputed in backward, so no more than one tile's [tile, vocab] logits
+    exist at a time. Autograd sums the tiles' gradients into the head's weight before ZeRO's reduction
+    hook sees it, as for any weight used twice in a forward.
     """
 
-    def __init__(self, head):
+    def __init__(self, head, tile_tokens: int | None = None):
         self.mask = None
+        self.module, self.tile_tokens = head, tile_tokens
+        self.selected = None
         self.handle = head.register_forward_pre_hook(self._select)
 
     def _select(self, module, args):
         if self.mask is None:
             return None
         hidden, *rest = args
+        if self.tile_tokens:
+            self.selected = hidden[self.mask]
+            return (self.selected[:0], *rest)
         return (hidden[self.mask], *rest)
 
     @contextlib.contextmanager
@@ -388,12 +400,106 @@ class TrainedPositionsHead:
         finally:
             self.mask = None
 
+    def tiled_loss(self, targets):
+        """(summed cross-entropy of the hidden states the last `selecting` forward kept, in fp32; their
+        argmax predictions when no gradient is recorded (eval), else None)."""
+        import torch
+        from torch.utils.checkpoint import checkpoint
 
-def trained_positions_head(model, hf_config) -> TrainedPositionsHead | None:
-    """The head selector for a causal LM of a known family; None for any other model."""
-    if getattr(hf_config, "model_type", None) not in HEAD_ON_TRAINED_FAMILIES:
-        return None
-    if any(getattr(hf_config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        hidden, self.selected = self.selected, None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        predictions = []
+        for h, t in zip(_tiles(hidden, self.tile_tokens, 0), _tiles(targets, self.tile_tokens, 0), strict=True):
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._tile_loss, h, t, use_reentrant=False)
+            else:
+                logits = self.module(h)
+                total = total + self._cross_entropy(logits, t)
+                predictions.append(logits.argmax(-1))
+        return total, (torch.cat(predictions) if predictions else None)
+
+    def _tile_loss(self, hidden, targets):
+        return self._cross_entropy(self.module(hidden), targets)
+
+    @staticmethod
+    def _cross_entropy(logits, targets):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def trained_positions_head(model, hf_config, tile_tokens: int | None = None) -> TrainedPositionsHead | None:
+    """The head selector for a causal LM of a known family; None for any other model. `tile_tokens`: compute
+    the loss in tiles of that many trained tokens (model.tiled_loss)."""
+    if not head_on_trained_positions(hf_config):
         return None
     head = model.get_output_embeddings()
-    return TrainedPositionsHead(head) if head is not None else None
+    return TrainedPositionsHead(head, tile_tokens) if head is not None else None
+
+
+def head_on_trained_positions(hf_config) -> bool:
+    """Whether the causal LM's logits are exactly `lm_head(hidden)`: a known family, no logit scaling."""
+    if getattr(hf_config, "model_type", None) not in HEAD_ON_TRAINED_FAMILIES:
+        return False
+    return not any(getattr(hf_config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
+def loss_tile_tokens(cfg: ModelConfig, hf_config) -> int | None:
+    """Trained tokens per tile of model.tiled_loss (None: not tiled). Auto: tiles whose fp32 logits take
+    at most 256 MiB (2^26 / vocab tokens; 523 for a 128k vocabulary)."""
+    if not cfg.tiled_loss:
+        return None
+    return cfg.tile_tokens or max(1, 2**26 // max(config_int(hf_config, "vocab_size", default=1), 1))
+
+
+def _tiles(x, tile: int, dim: int) -> list:
+    """`x` split along `dim` into tiles of `tile`, as many on every rank: ranks with less to tile get empty
+    tiles at the end. Under ZeRO-3 each tile's forward (and its recompute in backward) gathers the
+    module's weights collectively, so the ranks must run the same number of them."""
+    from bigsft import dist
+
+    parts = list(x.split(tile, dim=dim))
+    count = dist.all_reduce_max(len(parts))
+    return parts + [x.narrow(dim, 0, 0)] * (count - len(parts))
+
+
+def tile_mlps(model, hf_config, tile_tokens: int | None = None) -> int:
+    """model.tiled_mlp: every decoder layer's MLP runs over tiles of the sequence, each tile under
+    non-reentrant activation checkpointing, so the [tokens, intermediate] activations exist for one tile
+    at a time (in forward and in the backward's recompute). The MLP is per token, so the output is the
+    same. Only forwards that record gradients are tiled: eval and generation keep nothing for backward,
+    and generation's ranks need not step together. Tiles of `tile_tokens` (auto: the hidden size, as DeepSpeed's TiledMLP shards). Returns the
+    number of MLPs tiled."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    tile = tile_tokens or model_dims(hf_config)[1] or 1024
+    count = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "mlp" or getattr(module, "_bigsft_tiled", False):
+            continue
+        forward = module.forward
+
+        def tiled(hidden, *args, _forward=forward, **kwargs):
+            if hidden.dim() < 2 or not torch.is_grad_enabled():  # eval and generation keep nothing for backward
+                return _forward(hidden, *args, **kwargs)
+            return torch.cat([checkpoint(_forward, part.contiguous(), *args, use_reentrant=False, **kwargs)
+                              for part in _tiles(hidden, tile, -2)], dim=-2)
+
+        module.forward = tiled
+        module._bigsft_tiled = True
+        count += 1
+    return count
+
+
+def tiling_problems(cfg: ModelConfig, hf_config) -> list[str]:
+    """model.tiled_loss and model.tiled_mlp need a family whose head and MLP bigsft knows (before launch)."""
+    model_type = getattr(hf_config, "model_type", None)
+    known = ", ".join(sorted(HEAD_ON_TRAINED_FAMILIES))
+    problems = []
+    if cfg.tiled_loss and cfg.task == "causal_lm" and not head_on_trained_positions(hf_config):
+        problems.append(f"model.tiled_loss: the {model_type} head is not a plain projection bigsft can tile "
+                        f"(families: {known}, without logit scaling)")
+    if cfg.tiled_mlp and model_type not in HEAD_ON_TRAINED_FAMILIES:
+        problems.append(f"model.tiled_mlp: bigsft tiles the per-token MLPs of {known}; not {model_type}")
+    return problems

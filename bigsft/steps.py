@@ -77,7 +77,13 @@ class ZeroSteps:
         from deepspeed.accelerator import get_accelerator
         from transformers.integrations import HfDeepSpeedConfig
 
-        from bigsft.model import build_model, count_parameters, trained_positions_head
+        from bigsft.model import (
+            build_model,
+            count_parameters,
+            loss_tile_tokens,
+            tile_mlps,
+            trained_positions_head,
+        )
 
         pre, cfg = prepared.pre, prepared.pre.cfg
         self.batch, self.zero_stage, self.lora = pre.batch, pre.zero_stage, cfg.model.lora
@@ -98,7 +104,10 @@ class ZeroSteps:
         model = build_model(model_cfg, pre.hf_config, tokenizer=prepared.tokenizer, id2label=id2label, seed=cfg.train.seed)
         if self.sp is not None:
             self.sp.check_model(model)
-        self.head = trained_positions_head(model, pre.hf_config) if self.task == "causal_lm" else None
+        if cfg.model.tiled_mlp:
+            tile_mlps(model, pre.hf_config, cfg.model.tile_tokens)
+        self.head = (trained_positions_head(model, pre.hf_config, loss_tile_tokens(cfg.model, pre.hf_config))
+                     if self.task == "causal_lm" else None)
         self.parameters = count_parameters(model)
         self.engine = initialize_engine(model, cfg, ds, prepared.total_steps, zero_stage=pre.zero_stage,
                                         offload=pre.offload_optimizer != "none")

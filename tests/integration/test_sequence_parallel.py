@@ -1,6 +1,7 @@
 """Sequence parallelism (DeepSpeed Ulysses) on CPU ranks: each row split over 2 ranks gives the losses and
 gradient norms of the whole rows on one, for Llama and Qwen2, packed and padded, under ZeRO-3, ZeRO-2 with
-offload and LoRA, ZeRO-1 with data parallelism beside it; and its checkpoints resume without it."""
+offload and LoRA, ZeRO-1 with data parallelism beside it; and its checkpoints resume without it. The split
+runs also tile the loss (and Qwen2's MLPs) in tiles of 16 tokens, against untiled references."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ STEPS = 4
 PACKED = ["data.packing=true", "data.max_length=256", "train.micro_batch_size=1"]
 LORA = "model.lora={r: 4, alpha: 8, dropout: 0.0}"
 SP2 = "sequence_parallel.size=2"
+TILED = ["model.tiled_loss=true", "model.tile_tokens=16"]
 # Parity is float32 noise: the all-to-alls reorder no sums, but sdpa over a whole row and the mask path differ
 # in summation order. Seen: at most 4e-7 in loss, 1e-6 relative in grad norm.
 TOLERANCE = 1e-5
@@ -47,13 +49,14 @@ def runs(pool, sp_config, qwen_dir, tmp_path_factory) -> dict[str, Path]:
         out[key] = d / key
         pool.add(key, [str(sp_config), f"output_dir={out[key]}", *extra], tests=tests, **how)
 
-    llama = ("test_llama_packed_rows_split_over_2_ranks_under_zero3",)
+    llama = ("test_llama_packed_rows_split_over_2_ranks_under_zero3_with_tiled_loss",)
     add("llama_one", PACKED, (*llama, "test_a_sequence_parallel_checkpoint_resumes_on_one_rank"), launcher="plain")
-    add("llama_sp2", [*PACKED, SP2, "deepspeed=zero3"], llama, nproc=2)
-    qwen = ("test_qwen2_packed_lora_under_zero2_offload",)
+    add("llama_sp2", [*PACKED, SP2, *TILED, "deepspeed=zero3"], llama, nproc=2)
+    qwen = ("test_qwen2_packed_lora_under_zero2_offload_with_tiled_loss_and_mlp",)
     model = f"model.name_or_path={qwen_dir}"
     add("qwen_one", [*PACKED, model, LORA], qwen, launcher="plain")
-    add("qwen_sp2", [*PACKED, model, LORA, SP2, "deepspeed=zero2_offload"], qwen, nproc=2)
+    add("qwen_sp2", [*PACKED, model, LORA, SP2, *TILED, "model.tiled_mlp=true", "deepspeed=zero2_offload"], qwen,
+        nproc=2)
     grid = ("test_2_data_parallel_x_2_sequence_parallel_equals_2_data_parallel",)
     padded = ["train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "deepspeed=zero1"]
     add("dp2", padded, grid, nproc=2)
@@ -81,7 +84,7 @@ def final_eval(run: Path) -> dict:
     return [r for r in read_metrics(run) if "eval/loss" in r][-1]
 
 
-def test_llama_packed_rows_split_over_2_ranks_under_zero3(pool, runs, sp_config):
+def test_llama_packed_rows_split_over_2_ranks_under_zero3_with_tiled_loss(pool, runs, sp_config):
     from test_training import reload_eval_loss
 
     sp2, one = trained(pool, runs, "llama_sp2"), trained(pool, runs, "llama_one")
@@ -95,7 +98,7 @@ def test_llama_packed_rows_split_over_2_ranks_under_zero3(pool, runs, sp_config)
     assert reload_eval_loss(sp_config, sp2 / "final", tuple(PACKED)) == pytest.approx(evaluated["eval/loss"], abs=1e-5)
 
 
-def test_qwen2_packed_lora_under_zero2_offload(pool, runs):
+def test_qwen2_packed_lora_under_zero2_offload_with_tiled_loss_and_mlp(pool, runs):
     sp2, one = trained(pool, runs, "qwen_sp2"), trained(pool, runs, "qwen_one")
     assert "LoRA r=4" in pool.result("qwen_sp2").stdout
     assert_same_steps(sp2, one)
