@@ -9,10 +9,15 @@ Model states (weights, gradients, optimizer), mixed precision (bf16/fp16):
     ZeRO-2   2Ψ + 18Ψt/N                           (DeepSpeed's estimate_zero2_model_states_mem_needs)
     ZeRO-2 + optimizer offload   GPU 2Ψ, host Ψt·max(4·N, 16)·1.5 per node
     ZeRO-3   4L + (2Ψ + 16Ψt)/N                    (estimate_zero3_model_states_mem_needs, zero_init)
-    ZeRO-3 + optimizer offload   GPU 4L + 2Ψ/N, host 16Ψ/nodes·1.5
-    ZeRO-3 + parameter offload   GPU 4L, host 18Ψ/nodes·1.5; NVMe: the same 18Ψ on the drive
+    ZeRO-3 + optimizer offload   GPU 4L + 2Ψ/N, host 16Ψt/nodes·1.5
+    ZeRO-3 + parameter offload   GPU 4L, host (2Ψ + 16Ψt)/nodes·1.5; NVMe: the same bytes on the drive
+  DeepSpeed's ZeRO-3 estimator counts every parameter as trained (16Ψ and 18Ψ). A frozen parameter
+  (LoRA's base) has no fp32 master, Adam moments or fp32 gradient (16 bytes), so the offloaded host
+  holds 16Ψt, and under parameter offload also the 2-byte copy of all Ψ, both partitioned over the
+  node's ranks; the ZeRO-2 offload row above already counts only Ψt.
   fp32 training swaps the 2-byte weights and gradients for 4-byte ones; DeepSpeed still keeps an fp32
-  master copy of each ZeRO partition (so ZeRO-2 is 4Ψ + 16Ψt/N, ZeRO-3 4L + (4Ψ + 16Ψt)/N).
+  master copy of each ZeRO partition (so ZeRO-2 is 4Ψ + 16Ψt/N, ZeRO-3 4L + (4Ψ + 16Ψt)/N, parameter
+  offload's host (4Ψ + 16Ψt)/nodes·1.5).
   Without offload the host needs 4Ψ·G·1.5 per node to load the model (4L·G·1.5 under ZeRO-3).
 
 Activations per micro-batch of b rows of s tokens, hidden h, MLP width i, a heads, vocab V, k bytes
@@ -176,14 +181,15 @@ def model_states(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware) ->
         return w * psi + (grads + opt) * pt / n, load, 0.0
     gather = 4 * big  # one layer gathered at a time
     shard = 1 / hw.nodes
+    optimizer = 16 * pt  # fp32 master, Adam's moments and the fp32 gradient, of the trainable parameters only
     if s.offload_param != "none":
-        states = psi * 18 * shard * 1.5
+        states = (w * psi + optimizer) * shard * 1.5
         if s.offload_param == "nvme":
             return gather, gather * hw.gpus_per_node * 1.5, states
         return gather, states, 0.0
     if s.offload_optimizer != "none":
-        return gather + w * psi / n, psi * 16 * shard * 1.5, 0.0
-    return gather + (w * psi + 16 * pt) / n, big * 4 * hw.gpus_per_node * 1.5, 0.0
+        return gather + w * psi / n, optimizer * shard * 1.5, 0.0
+    return gather + (w * psi + optimizer) / n, big * 4 * hw.gpus_per_node * 1.5, 0.0
 
 
 def activations(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, checkpointing: bool,
@@ -236,7 +242,7 @@ def step_seconds(shape: ModelShape, s: Strategy, *, hw: Hardware, tokens_per_ran
     if s.offload_optimizer != "none":
         seconds += shape.trainable / s.pipeline / (hw.gpus // s.pipeline) * 16 / 10e9  # host Adam over its states
     if s.offload_param == "nvme":
-        seconds += shape.params * 18 / hw.nodes / 3e9
+        seconds += (2 * shape.params + 16 * shape.trainable) / hw.nodes / 3e9
     return seconds
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -42,6 +43,23 @@ def test_zero3_matches_deepspeeds_estimator(gpus, nodes, optimizer, params):
                                                            cpu_offload=optimizer != "none",
                                                            cpu_offload_params=params != "none", zero_init=True)
     assert int(gpu) == ds_gpu and int(host) == int(ds_cpu)
+
+
+@pytest.mark.parametrize(("gpus", "nodes"), [(1, 1), (8, 4)])
+def test_zero3_offload_holds_the_optimizer_states_of_the_trainable_parameters_only(gpus, nodes):
+    """Issue 15: with LoRA, ZeRO-3's offloaded host held the whole model's optimizer states (16Ψ); it holds
+    the adapters' (16Ψt, as ZeRO-2 offload does on one GPU) and, under parameter offload, the 2-byte copy of Ψ."""
+    lora = replace(SHAPE, trainable=40_000_000)
+    hw = Hardware(gpus_per_node=gpus, nodes=nodes, gpu_mem_gib=24, cpu_mem_gib=64)
+    host = {name: model_states(lora, s, dtype="bf16", hw=hw)[1] for name, s in [
+        ("zero2", Strategy(zero=2, offload_optimizer="cpu")), ("zero3", Strategy(zero=3, offload_optimizer="cpu")),
+        ("params", Strategy(zero=3, offload_optimizer="cpu", offload_param="cpu"))]}
+    assert host["zero3"] == pytest.approx(16 * lora.trainable / nodes * 1.5)
+    assert host["params"] == pytest.approx((2 * lora.params + 16 * lora.trainable) / nodes * 1.5)
+    if gpus == 1:
+        assert host["zero3"] == pytest.approx(host["zero2"])
+    fp32 = model_states(lora, Strategy(zero=3, offload_optimizer="cpu", offload_param="cpu"), dtype="fp32", hw=hw)
+    assert fp32[1] == pytest.approx((4 * lora.params + 16 * lora.trainable) / nodes * 1.5)
 
 
 def test_checkpointing_and_sdpa_shrink_activations():
