@@ -2,7 +2,8 @@
 
 All sizes are per rank (GPU) or per node (host), in bytes, from the model's config alone (a meta-device
 instance counts the parameters; no weights are read). The formulas, with Ψ parameters (Ψt of them
-trainable), N data-parallel ranks, G GPUs per node, L the largest single module's parameters:
+trainable), N the ranks ZeRO partitions over (every GPU of a pipeline stage, sequence-parallel ranks
+included), G GPUs per node, L the largest single module's parameters:
 
 Model states (weights, gradients, optimizer), mixed precision (bf16/fp16):
     ZeRO-0   2Ψ + 2Ψt + 12Ψt                      ZeRO-1   2Ψ + 2Ψt + 12Ψt/N
@@ -19,6 +20,10 @@ Model states (weights, gradients, optimizer), mixed precision (bf16/fp16):
   master copy of each ZeRO partition (so ZeRO-2 is 4Ψ + 16Ψt/N, ZeRO-3 4L + (4Ψ + 16Ψt)/N, parameter
   offload's host (4Ψ + 16Ψt)/nodes·1.5).
   Without offload the host needs 4Ψ·G·1.5 per node to load the model (4L·G·1.5 under ZeRO-3).
+  4-bit base (QLoRA): the frozen Linear weights of the blocks, Ψq of them, take NF4's 4 bits plus
+  bitsandbytes' constants (one absmax per block of 64 weights, itself quantized to 8 bits under double
+  quantization, with one fp32 scale per 256 absmaxes): 0.5 + 1/64 + 4/(64·256) ≈ 0.516 bytes, 4.127
+  bits. Embeddings, norms, biases and the LM head stay 16-bit: "2Ψ" becomes 2(Ψ - Ψq) + 0.516Ψq.
 
 Activations per micro-batch of b rows of s tokens, hidden h, MLP width i, a heads, vocab V, k bytes
 per activation value (2, or 4 in fp32), after Korthikanti et al. 2022 ("Reducing Activation
@@ -28,25 +33,52 @@ Recomputation in Large Transformer Models"), per layer:
   with gradient checkpointing only each layer's input is kept, 2·s·b·h·k/2 per layer, plus one layer
   recomputed at a time; the logits add s·b·V·(k + 4)·2 (logits, their fp32 copy for the loss, and their
   gradient). A pipeline stage holds its layers' activations for min(P, micro-batches) micro-batches.
+  Sequence parallelism over S ranks (DeepSpeed Ulysses) leaves s/S tokens on each rank: every term,
+  the logits included, takes s/S for s (attention gathers the whole sequence for a/S heads, which
+  sdpa/flash keep linear in s; eager attention is refused), so a rank holds 1/S of the above.
+  Tiled loss: the t = s·b tokens' logits exist one tile at a time, n = ceil(t·V·4 / 1 GiB) tiles (one
+  tile's fp32 logits at most 1 GiB) of ceil(t/n) tokens; the logits term becomes
+  ceil(t/n)·V·(k + 4)·2 + t·h·k (the hidden states' gradient, filled tile by tile, is whole).
+  Activation offload (with checkpointing): the checkpointed inputs, 2·s·b·h·k/2 per layer, go to host
+  memory, one layer's stays on the GPU; the host holds them for each of the node's G ranks.
 
 Communication per rank per optimizer step (ring algorithms, m micro-batches, w bytes per weight):
     ZeRO-0/1   2(N-1)/N·Ψt·w                 ZeRO-2   m·(N-1)/N·Ψt·w + (N-1)/N·Ψt·w
     ZeRO-3     m·3(N-1)/N·Ψ·w                pipeline 2·b·s·h·k per micro-batch and stage boundary
   offload adds host<->GPU copies (gradients down, weights up; under parameter offload, weights every
-  micro-batch).
+  micro-batch); activation offload copies its bytes down in forward and up in backward (2× per
+  micro-batch). Sequence parallelism adds, per micro-batch and layer, four all-to-alls in forward (q,
+  k, v in, the attention output back), each moving (S-1)/S of the rank's tensor:
+    (S-1)/S · s/S·b·k · d·(2a + 2·max(a_kv, S))      d = h/a the head size, a_kv key/value heads
+  (k and v are repeated to S heads when a_kv < S); backward moves as much again, checkpointing's
+  recompute the forward's once more. It runs at the intra-node bandwidth when S ≤ G.
 
 The time estimate (used only to rank strategies) is compute at `--mfu` of `--gpu-tflops` (6Ψ FLOPs
-per token, 4Ψ+2Ψt with LoRA, +1/3 with checkpointing, the pipeline bubble (P-1)/(m+P-1) added) plus
-communication at `--intra-node-gbps` / `--inter-node-gbps`, PCIe copies at `--pcie-gbps`, the host
-optimizer step at 10 GB/s of state and NVMe at 3 GB/s. A strategy fits when GPU and host totals stay
-under (1 - margin) of what is there.
+per token, 4Ψ+2Ψt with LoRA, +1/3 with checkpointing, ×1.25 with a 4-bit base for dequantizing every
+weight on every pass (a rough figure), the pipeline bubble (P-1)/(m+P-1) added; a rank computes s/S of
+each row; the tiled loss adds nothing: DeepSpeed's TiledFusedLogitsLoss runs each tile's backward
+inside the forward) plus communication at `--intra-node-gbps` / `--inter-node-gbps`, PCIe copies at
+`--pcie-gbps`, the host optimizer step at 10 GB/s of state and NVMe at 3 GB/s. A strategy fits when
+GPU and host totals stay under (1 - margin) of what is there.
+
+Levers. Strategies are ZeRO stages, offload, pipeline splits, and sequence-parallel sizes S (S
+divides a and the GPUs, a_kv divides S or S divides a_kv; never with a pipeline; the data-parallel
+ranks are then GPUs/S, each step still b·m·s·GPUs/S tokens). For each strategy
+the planner takes the first lever set under which some micro-batch fits, in this order: none, tiled
+loss, activation offload, both, then the same four with a 4-bit base (needs model.lora; ZeRO 0-2).
+Exact levers come first: quantization changes the weights the adapters train against. A strategy that
+fits under none shows the lever set that comes closest, at its smallest micro-batch. The levers apply
+without a pipeline only (the pipeline engine has its own loss and checkpointing), and those the run
+config turns on stay on in every row. Of the sequence-parallel strategies only the fastest per S is
+shown.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bigsft.batch_math import BatchMath
@@ -54,6 +86,10 @@ from bigsft.config import RunConfig
 from bigsft.model import config_int, model_dims
 
 GIB = 2**30
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 scale per 256 absmaxes
+QUANTIZED_SLOWDOWN = 1.25  # rough: bitsandbytes dequantizes each weight before every matmul
+LOSS_TILE_BYTES = GIB  # fp32 logits of one tile of the tiled loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +121,14 @@ class ModelShape:
     intermediate: int
     heads: int
     vocab: int
+    kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); None: as many as `heads`."""
+    quantizable: int = 0
+    """Frozen Linear weights outside the embeddings and the LM head: what a 4-bit base packs."""
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.heads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +137,7 @@ class Strategy:
     offload_optimizer: str = "none"
     offload_param: str = "none"
     pipeline: int = 1
+    sequence_parallel: int = 1
 
     @property
     def name(self) -> str:
@@ -103,6 +148,8 @@ class Strategy:
             parts.append(f"optimizer on {self.offload_optimizer}")
         if self.pipeline > 1:
             parts.append(f"pipeline {self.pipeline}")
+        if self.sequence_parallel > 1:
+            parts.append(f"sequence parallel {self.sequence_parallel}")
         return ", ".join(parts)
 
     @property
@@ -116,6 +163,50 @@ class Strategy:
         if self.offload_optimizer == "cpu":
             return "zero2_offload" if self.zero == 2 else "zero3"
         return f"zero{self.zero}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Levers:
+    """Memory levers besides the strategy, each a run-config key that the training run reads."""
+
+    tiled_loss: bool = False
+    """model.tiled_loss: the loss over tiles of the sequence, so the logits never exist whole."""
+    activation_offload: bool = False
+    """model.activation_offload: the checkpointed layer inputs wait in host memory (needs checkpointing)."""
+    quantized: bool = False
+    """model.quantization.bits=4: the frozen base in 4-bit NF4 (QLoRA; needs model.lora, ZeRO 0-2)."""
+
+    def __or__(self, other: Levers) -> Levers:
+        return Levers(tiled_loss=self.tiled_loss or other.tiled_loss, quantized=self.quantized or other.quantized,
+                      activation_offload=self.activation_offload or other.activation_offload)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for on, name in ((self.quantized, "4-bit base"), (self.tiled_loss, "tiled loss"),
+                                      (self.activation_offload, "activation offload")) if on]
+
+    @property
+    def overrides(self) -> list[str]:
+        return [key for on, key in ((self.quantized, "model.quantization.bits=4"),
+                                    (self.tiled_loss, "model.tiled_loss=true"),
+                                    (self.activation_offload, "model.activation_offload=true")) if on]
+
+
+NO_LEVERS = Levers()
+# The order in which the planner tries levers on a strategy: exact ones first, quantization last.
+LEVER_ORDER = tuple(Levers(quantized=q, tiled_loss=t, activation_offload=a)
+                    for q in (False, True) for t, a in ((False, False), (True, False), (False, True), (True, True)))
+
+
+def configured_levers(cfg: RunConfig) -> tuple[Levers, int]:
+    """(levers, sequence-parallel size) that the run config itself turns on. Read with getattr: the keys
+    (model.tiled_loss, model.activation_offload, model.quantization.bits, sequence_parallel.size) come to
+    bigsft.config with the features themselves; a config without them uses none."""
+    model = cfg.model
+    bits = getattr(getattr(model, "quantization", None), "bits", None)
+    size = getattr(getattr(cfg, "sequence_parallel", None), "size", None)
+    return (Levers(tiled_loss=bool(getattr(model, "tiled_loss", False)), quantized=bits == 4,
+                   activation_offload=bool(getattr(model, "activation_offload", False))), size or 1)
 
 
 @dataclass
@@ -132,6 +223,7 @@ class Estimate:
     tokens_per_step: int
     fits: bool
     why: list[str] = field(default_factory=list)
+    levers: Levers = field(default_factory=Levers)
 
     @property
     def gpu_total(self) -> float:
@@ -146,39 +238,46 @@ def model_shape(hf_config, task: str, lora=None) -> ModelShape:
 
     with torch.device("meta"):
         model = auto_class(task).from_config(hf_config)
+        lm_head = model.get_output_embeddings()
         if lora is not None:
             model = apply_lora(model, lora, task)
     unique = {id(p): p for p in model.parameters()}
     params = sum(p.numel() for p in unique.values())
     trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    head = {id(p) for p in lm_head.parameters()} if lm_head is not None else set()
+    frozen_linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+                     and not m.weight.requires_grad and id(m.weight) not in head}
 
     layers, hidden = model_dims(hf_config)
+    heads = config_int(hf_config, "num_attention_heads", "n_head")
     return ModelShape(params=params, trainable=trainable, largest_layer=largest, layers=layers, hidden=hidden,
                       intermediate=config_int(hf_config, "intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim",
                                               default=4 * hidden) or 4 * hidden,
-                      heads=config_int(hf_config, "num_attention_heads", "n_head"),
-                      vocab=config_int(hf_config, "vocab_size"))
+                      heads=heads, kv_heads=config_int(hf_config, "num_key_value_heads", default=heads) or None,
+                      vocab=config_int(hf_config, "vocab_size"), quantizable=sum(frozen_linear.values()))
 
 
-def model_states(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware) -> tuple[float, float, float]:
+def model_states(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware,
+                 quantized: bool = False) -> tuple[float, float, float]:
     """(GPU bytes per rank, host bytes per node, NVMe bytes per node) for weights, gradients, optimizer."""
     psi, pt, big = shape.params / s.pipeline, shape.trainable / s.pipeline, shape.largest_layer
     n = hw.gpus // s.pipeline
     w = 2 if dtype in ("bf16", "fp16") else 4
     g = w
     opt = 12  # fp32 master copy + Adam's two moments
+    weights = w * (psi - shape.quantizable) + NF4_BYTES * shape.quantizable if quantized else w * psi
     load = 4 * psi * hw.gpus_per_node * 1.5  # every process reads the checkpoint once
     if s.zero == 0:
         master = 4 if w == 2 else 0  # fp32 training updates the weights themselves
-        return w * psi + g * pt + (master + 8) * pt, load, 0.0
+        return weights + g * pt + (master + 8) * pt, load, 0.0
     if s.zero == 1:
-        return w * psi + g * pt + opt * pt / n, load, 0.0
+        return weights + g * pt + opt * pt / n, load, 0.0
     if s.zero == 2:
         if s.offload_optimizer != "none":
-            return w * psi, pt * max(4 * n, 16) * 1.5, 0.0
+            return weights, pt * max(4 * n, 16) * 1.5, 0.0
         grads = (g + 4) if w == 2 else g  # a 16-bit and an fp32 gradient partition in mixed precision
-        return w * psi + (grads + opt) * pt / n, load, 0.0
+        return weights + (grads + opt) * pt / n, load, 0.0
     gather = 4 * big  # one layer gathered at a time
     shard = 1 / hw.nodes
     optimizer = 16 * pt  # fp32 master, Adam's moments and the fp32 gradient, of the trainable parameters only
@@ -192,23 +291,46 @@ def model_states(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware) ->
     return gather + (w * psi + optimizer) / n, big * 4 * hw.gpus_per_node * 1.5, 0.0
 
 
-def activations(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, checkpointing: bool,
-                attention: str, pipeline: int, accumulation: int) -> float:
+def checkpointed_inputs(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, sequence_parallel: int = 1,
+                        pipeline: int = 1) -> float:
+    """What gradient checkpointing keeps: each layer's input, 2·s·b·h·k/2 per layer (s/S tokens per rank)."""
     k = 2 if dtype in ("bf16", "fp16") else 4
-    sbh = seq * micro_batch * shape.hidden
+    return 2 * math.ceil(seq / sequence_parallel) * micro_batch * shape.hidden * k / 2 * math.ceil(
+        shape.layers / pipeline)
+
+
+def logits(shape: ModelShape, *, tokens: int, k: int, tiled: bool) -> float:
+    """The logits, their fp32 copy and their gradient; tiled, one tile's worth plus the hidden states' gradient."""
+    if not tiled:
+        return tokens * shape.vocab * (k + 4) * 2
+    tiles = max(1, math.ceil(tokens * shape.vocab * 4 / LOSS_TILE_BYTES))
+    return math.ceil(tokens / tiles) * shape.vocab * (k + 4) * 2 + tokens * shape.hidden * k
+
+
+def activations(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, checkpointing: bool,
+                attention: str, pipeline: int, accumulation: int, sequence_parallel: int = 1,
+                levers: Levers = NO_LEVERS) -> float:
+    k = 2 if dtype in ("bf16", "fp16") else 4
+    local = math.ceil(seq / sequence_parallel)
+    sbh = local * micro_batch * shape.hidden
     layer = sbh * (15 + 19 * shape.intermediate / (4 * shape.hidden)) * k / 2
     if attention == "eager":
-        layer += 5 * shape.heads * seq * seq * micro_batch * k / 2
+        layer += 5 * shape.heads * local * local * micro_batch * k / 2
     layers = math.ceil(shape.layers / pipeline)
-    kept = (2 * sbh * k / 2 * layers + layer) if checkpointing else layer * layers
+    if checkpointing:
+        inputs = checkpointed_inputs(shape, micro_batch=micro_batch, seq=seq, dtype=dtype,
+                                     sequence_parallel=sequence_parallel, pipeline=pipeline)
+        kept = (inputs / layers if levers.activation_offload else inputs) + layer
+    else:
+        kept = layer * layers
     in_flight = min(pipeline, accumulation) if pipeline > 1 else 1
-    logits = seq * micro_batch * shape.vocab * (k + 4) * 2
-    return kept * in_flight + logits
+    return kept * in_flight + logits(shape, tokens=local * micro_batch, k=k, tiled=levers.tiled_loss)
 
 
 def communication(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware, accumulation: int, micro_batch: int,
-                  seq: int) -> tuple[float, float]:
-    """(network bytes per rank per step, PCIe bytes per rank per step)."""
+                  seq: int, checkpointing: bool = False) -> tuple[float, float, float]:
+    """(network bytes per rank per step for ZeRO and the pipeline, sequence parallelism's all-to-all bytes,
+    PCIe bytes per rank per step)."""
     w = 2 if dtype in ("bf16", "fp16") else 4
     n = hw.gpus // s.pipeline
     psi, pt = shape.params / s.pipeline, shape.trainable / s.pipeline
@@ -221,86 +343,163 @@ def communication(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware, a
         net = accumulation * 3 * ring * psi * w
     if s.pipeline > 1:
         net += 2 * micro_batch * seq * shape.hidden * w * accumulation
+    all_to_all = 0.0
+    if (sp := s.sequence_parallel) > 1:
+        head = shape.hidden / shape.heads
+        per_layer = (sp - 1) / sp * math.ceil(seq / sp) * micro_batch * w * head * (
+            2 * shape.heads + 2 * max(shape.key_value_heads, sp))
+        all_to_all = accumulation * shape.layers * (3 if checkpointing else 2) * per_layer
     pcie = 0.0
     if s.offload_optimizer != "none":
         pcie += pt * (w + w)  # gradients down, updated weights up
     if s.offload_param != "none":
         pcie += accumulation * 2 * psi * w / n  # each rank's weights come up for forward and backward
-    return net, pcie
+    return net, all_to_all, pcie
 
 
 def step_seconds(shape: ModelShape, s: Strategy, *, hw: Hardware, tokens_per_rank: int, checkpointing: bool,
-                 net: float, pcie: float, accumulation: int) -> float:
+                 net: float, pcie: float, accumulation: int, all_to_all: float = 0.0, dtype: str = "bf16",
+                 quantized: bool = False) -> float:
     flops_per_token = 6 * shape.params if shape.trainable == shape.params else 4 * shape.params + 2 * shape.trainable
     compute = flops_per_token / s.pipeline * tokens_per_rank / (hw.gpu_tflops * 1e12 * hw.mfu)
     if checkpointing:
         compute *= 4 / 3
+    if quantized:
+        compute *= QUANTIZED_SLOWDOWN
     if s.pipeline > 1:
         compute *= 1 + (s.pipeline - 1) / (accumulation + s.pipeline - 1)
     bandwidth = hw.inter_node_gbps if hw.nodes > 1 else hw.intra_node_gbps
-    seconds = compute + net / (bandwidth * 1e9) + pcie / (hw.pcie_gbps * 1e9)
+    sp_bandwidth = hw.intra_node_gbps if s.sequence_parallel <= hw.gpus_per_node else hw.inter_node_gbps
+    seconds = (compute + net / (bandwidth * 1e9) + all_to_all / (sp_bandwidth * 1e9)
+               + pcie / (hw.pcie_gbps * 1e9))
     if s.offload_optimizer != "none":
         seconds += shape.trainable / s.pipeline / (hw.gpus // s.pipeline) * 16 / 10e9  # host Adam over its states
     if s.offload_param == "nvme":
-        seconds += (2 * shape.params + 16 * shape.trainable) / hw.nodes / 3e9
+        w = 2 if dtype in ("bf16", "fp16") else 4
+        seconds += (w * shape.params + 16 * shape.trainable) / hw.nodes / 3e9
     return seconds
 
 
-def strategies(shape: ModelShape, hw: Hardware) -> list[Strategy]:
-    out = [Strategy(zero=z) for z in (0, 1, 2, 3)]
-    out += [Strategy(zero=2, offload_optimizer="cpu"), Strategy(zero=3, offload_optimizer="cpu"),
-            Strategy(zero=3, offload_optimizer="cpu", offload_param="cpu")]
+def sequence_parallel_sizes(shape: ModelShape, hw: Hardware, *, task: str, attention: str) -> list[int]:
+    """Ulysses sizes S: S divides the heads and the GPUs, the key/value heads divide S or S divides them;
+    causal LMs without eager attention (its s² scores would not shard)."""
+    if task != "causal_lm" or attention == "eager" or not shape.heads:
+        return []
+    kv = shape.key_value_heads
+    return [sp for sp in range(2, min(hw.gpus, shape.heads) + 1)
+            if not shape.heads % sp and not hw.gpus % sp and (not kv % sp or not sp % kv)]
+
+
+def strategies(shape: ModelShape, hw: Hardware, *, task: str = "causal_lm",
+               attention: str = "sdpa") -> list[Strategy]:
+    base = [Strategy(zero=z) for z in (0, 1, 2, 3)]
+    base += [Strategy(zero=2, offload_optimizer="cpu"), Strategy(zero=3, offload_optimizer="cpu"),
+             Strategy(zero=3, offload_optimizer="cpu", offload_param="cpu")]
     if hw.nvme:
-        out.append(Strategy(zero=3, offload_optimizer="nvme", offload_param="nvme"))
+        base.append(Strategy(zero=3, offload_optimizer="nvme", offload_param="nvme"))
+    out = list(base)
     for p in range(2, min(hw.gpus, shape.layers) + 1):
         if shape.layers % p == 0 and hw.gpus % p == 0:
             out.append(Strategy(zero=1, pipeline=p))
+    for sp in sequence_parallel_sizes(shape, hw, task=task, attention=attention):
+        out += [replace(s, sequence_parallel=sp) for s in base]
     return out
 
 
-def plan(cfg: RunConfig, hf_config, hw: Hardware, *, micro_batches=(1, 2, 4, 8, 16, 32, 64)) -> list[Estimate]:
-    """Every strategy at the largest micro-batch that fits (or the smallest, marked not fitting)."""
+def allowed(s: Strategy, levers: Levers, *, cfg: RunConfig, shape: ModelShape) -> bool:
+    """Whether the run can use these levers under this strategy."""
+    if s.pipeline > 1:
+        return levers == NO_LEVERS  # the pipeline engine has its own loss and activation checkpointing
+    if levers.tiled_loss and cfg.model.task != "causal_lm":
+        return False
+    if levers.activation_offload and not cfg.model.gradient_checkpointing:
+        return False
+    return not levers.quantized or (cfg.model.lora is not None and s.zero <= 2 and shape.quantizable > 0)
+
+
+def overshoot(e: Estimate, hw: Hardware) -> float:
+    """How far over the larger of GPU and host memory an estimate is (at most 1: it fits)."""
+    usable = GIB * (1 - hw.margin)
+    return max(e.gpu_total / (hw.gpu_mem_gib * usable), e.host / (hw.cpu_mem_gib * usable))
+
+
+def ranking(e: Estimate) -> tuple[bool, float]:
+    return not e.fits, e.step_seconds / max(e.tokens_per_step, 1)
+
+
+def plan(cfg: RunConfig, hf_config, hw: Hardware, *, levers: Sequence[Levers] = LEVER_ORDER,
+         micro_batches=MICRO_BATCHES) -> list[Estimate]:
+    """`plan_shape` for the model of `hf_config` (counted on the meta device)."""
     shape = model_shape(hf_config, cfg.model.task, cfg.model.lora)
+    return plan_shape(shape, cfg, hw, levers=levers, micro_batches=micro_batches)
+
+
+def plan_shape(shape: ModelShape, cfg: RunConfig, hw: Hardware, *, levers: Sequence[Levers] = LEVER_ORDER,
+               micro_batches=MICRO_BATCHES) -> list[Estimate]:
+    """One row per strategy, fastest first (of the sequence-parallel ones, the fastest per size): the first of
+    `levers` under which it fits, at the largest micro-batch that fits; else the lever set that comes closest,
+    at the smallest micro-batch, marked not fitting. The run config's own levers are on in every row;
+    `levers=[NO_LEVERS]` plans with those alone."""
+    in_use, _ = configured_levers(cfg)
+    choices = list(dict.fromkeys(lv | in_use for lv in levers))
     t = cfg.train
-    seq = cfg.data.max_length
     target = t.global_batch_size or t.micro_batch_size * (t.gradient_accumulation_steps or 1) * hw.gpus
-    results = []
-    for s in strategies(shape, hw):
-        dp = hw.gpus // s.pipeline
-        smallest = largest_fitting = None
-        for b in micro_batches:
-            if target % (b * dp):
-                continue
-            batch = BatchMath(micro_batch_size=b, gradient_accumulation_steps=target // (b * dp), data_parallel_size=dp,
-                              pipeline_stages=s.pipeline)
-            est = estimate(shape, s, cfg=cfg, hw=hw, batch=batch, seq=seq)
-            smallest = smallest or est
-            if est.fits:
-                largest_fitting = est
-        if smallest is not None:
-            results.append(largest_fitting or smallest)
-    return sorted(results, key=lambda e: (not e.fits, e.step_seconds / max(e.tokens_per_step, 1)))
+    rows = []
+    for s in strategies(shape, hw, task=cfg.model.task, attention=cfg.model.attn_implementation or "sdpa"):
+        usable = [lv for lv in choices if allowed(s, lv, cfg=cfg, shape=shape)]
+        row = strategy_row(shape, s, cfg=cfg, hw=hw, target=target, levers=usable, micro_batches=micro_batches)
+        if row is not None:
+            rows.append(row)
+    shown = [e for e in rows if e.strategy.sequence_parallel == 1]
+    for sp in sorted({e.strategy.sequence_parallel for e in rows} - {1}):
+        shown.append(min((e for e in rows if e.strategy.sequence_parallel == sp), key=ranking))
+    return sorted(shown, key=ranking)
 
 
-def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, batch: BatchMath, seq: int) -> Estimate:
+def strategy_row(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, target: int,
+                 levers: Sequence[Levers], micro_batches: Sequence[int]) -> Estimate | None:
+    """One strategy's row; None when no micro-batch divides the global batch or no lever set is allowed."""
+    dp = hw.gpus // (s.pipeline * s.sequence_parallel)
+    batches = [BatchMath(micro_batch_size=b, gradient_accumulation_steps=target // (b * dp), data_parallel_size=dp,
+                         pipeline_stages=s.pipeline) for b in micro_batches if not target % (b * dp)]
+    closest = None
+    for lv in levers if batches else ():
+        rows = [estimate(shape, s, cfg=cfg, hw=hw, batch=batch, seq=cfg.data.max_length, levers=lv)
+                for batch in batches]
+        fitting = [e for e in rows if e.fits]
+        if fitting:
+            return fitting[-1]
+        if closest is None or overshoot(rows[0], hw) < overshoot(closest, hw):
+            closest = rows[0]
+    return closest
+
+
+def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, batch: BatchMath, seq: int,
+             levers: Levers = NO_LEVERS) -> Estimate:
     micro_batch, accumulation = batch.micro_batch_size, batch.gradient_accumulation_steps
-    dtype = cfg.model.dtype
-    gpu_states, host, nvme = model_states(shape, s, dtype=dtype, hw=hw)
-    acts = activations(shape, micro_batch=micro_batch, seq=seq, dtype=dtype,
-                       checkpointing=cfg.model.gradient_checkpointing,
-                       attention=cfg.model.attn_implementation or "sdpa", pipeline=s.pipeline, accumulation=accumulation)
-    net, pcie = communication(shape, s, dtype=dtype, hw=hw, accumulation=accumulation, micro_batch=micro_batch, seq=seq)
+    dtype, checkpointing, sp = cfg.model.dtype, cfg.model.gradient_checkpointing, s.sequence_parallel
+    gpu_states, host, nvme = model_states(shape, s, dtype=dtype, hw=hw, quantized=levers.quantized)
+    acts = activations(shape, micro_batch=micro_batch, seq=seq, dtype=dtype, checkpointing=checkpointing,
+                       attention=cfg.model.attn_implementation or "sdpa", pipeline=s.pipeline,
+                       accumulation=accumulation, sequence_parallel=sp, levers=levers)
+    net, all_to_all, pcie = communication(shape, s, dtype=dtype, hw=hw, accumulation=accumulation,
+                                          micro_batch=micro_batch, seq=seq, checkpointing=checkpointing)
+    if levers.activation_offload:
+        offloaded = checkpointed_inputs(shape, micro_batch=micro_batch, seq=seq, dtype=dtype, sequence_parallel=sp)
+        host += offloaded * hw.gpus_per_node
+        pcie += accumulation * 2 * offloaded  # down in forward, up in backward
     tokens = micro_batch * accumulation * seq
-    seconds = step_seconds(shape, s, hw=hw, tokens_per_rank=tokens, checkpointing=cfg.model.gradient_checkpointing,
-                           net=net, pcie=pcie, accumulation=accumulation)
+    seconds = step_seconds(shape, s, hw=hw, tokens_per_rank=micro_batch * accumulation * math.ceil(seq / sp),
+                           checkpointing=checkpointing, net=net, pcie=pcie, accumulation=accumulation,
+                           all_to_all=all_to_all, dtype=dtype, quantized=levers.quantized)
     why = []
     if gpu_states + acts > hw.gpu_mem_gib * GIB * (1 - hw.margin):
         why.append("GPU memory")
     if host > hw.cpu_mem_gib * GIB * (1 - hw.margin):
         why.append("host memory")
     return Estimate(strategy=s, micro_batch=micro_batch, accumulation=accumulation, gpu_states=gpu_states,
-                    gpu_activations=acts, host=host, nvme=nvme, comm=net + pcie, step_seconds=seconds,
-                    tokens_per_step=tokens * batch.data_parallel_size, fits=not why, why=why)
+                    gpu_activations=acts, host=host, nvme=nvme, comm=net + all_to_all + pcie, step_seconds=seconds,
+                    tokens_per_step=tokens * batch.data_parallel_size, fits=not why, why=why, levers=levers)
 
 
 def write_ds_config(best: Estimate, path: Path) -> None:
@@ -313,16 +512,25 @@ def write_ds_config(best: Estimate, path: Path) -> None:
     path.write_text(json.dumps(raw, indent=2) + "\n")
 
 
-def overrides(best: Estimate, ds_path: str) -> list[str]:
+def overrides(best: Estimate, ds_path: str, *, configured_sequence_parallel: int = 1) -> list[str]:
     out = [f"deepspeed={ds_path}", f"train.micro_batch_size={best.micro_batch}",
            f"train.gradient_accumulation_steps={best.accumulation}"]
     if best.strategy.pipeline > 1:
         out.append(f"pipeline.stages={best.strategy.pipeline}")
-    return out
+    if best.strategy.sequence_parallel != configured_sequence_parallel:
+        out.append(f"sequence_parallel.size={best.strategy.sequence_parallel}")
+    return out + best.levers.overrides
 
 
 def gib(x: float) -> str:
     return f"{x / GIB:,.1f}" if x >= 0.05 * GIB else f"{x / 2**20:,.1f} MiB"
+
+
+def levers_in_use(cfg: RunConfig) -> list[str]:
+    in_use, sequence_parallel = configured_levers(cfg)
+    return ((["gradient checkpointing"] if cfg.model.gradient_checkpointing else [])
+            + ([f"LoRA r{cfg.model.lora.r}"] if cfg.model.lora is not None else []) + in_use.names
+            + ([f"sequence parallel {sequence_parallel}"] if sequence_parallel > 1 else []))
 
 
 def report(cfg: RunConfig, hf_config, hw: Hardware, *, write: str | None = None, console=None) -> Estimate | None:
@@ -333,20 +541,19 @@ def report(cfg: RunConfig, hf_config, hw: Hardware, *, write: str | None = None,
 
     console = console or Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     shape = model_shape(hf_config, cfg.model.task, cfg.model.lora)
-    results = plan(cfg, hf_config, hw)
+    results = plan_shape(shape, cfg, hw)
     console.print(f"{shape.params / 1e9:.3f}B parameters ({shape.trainable / 1e9:.3f}B trainable), "
-                  f"{cfg.model.dtype}, sequence {cfg.data.max_length}, "
-                  f"{'gradient checkpointing, ' if cfg.model.gradient_checkpointing else ''}"
-                  f"{hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) of {hw.gpu_mem_gib:g} GiB, host {hw.cpu_mem_gib:g} GiB "
-                  f"per node; sizes in GiB")
+                  f"{cfg.model.dtype}, sequence {cfg.data.max_length}, levers in use: "
+                  f"{', '.join(levers_in_use(cfg)) or 'none'}; {hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) of "
+                  f"{hw.gpu_mem_gib:g} GiB, host {hw.cpu_mem_gib:g} GiB per node; sizes in GiB")
     table = Table(show_lines=False)
-    for col in ("strategy", "micro", "accum", "GPU states", "GPU activ.", "GPU total", "host/node", "comm/step",
-                "est. s/step", "fits"):
-        table.add_column(col, justify="left" if col in ("strategy", "fits") else "right")
+    for col in ("strategy", "levers", "micro", "accum", "GPU states", "GPU activ.", "GPU total", "host/node",
+                "comm/step", "est. s/step", "fits"):
+        table.add_column(col, justify="left" if col in ("strategy", "levers", "fits") else "right")
     for e in results:
-        table.add_row(e.strategy.name, str(e.micro_batch), str(e.accumulation), gib(e.gpu_states),
-                      gib(e.gpu_activations), gib(e.gpu_total), gib(e.host), gib(e.comm), f"{e.step_seconds:.2f}",
-                      "yes" if e.fits else "no: " + ", ".join(e.why))
+        table.add_row(e.strategy.name, ", ".join(e.levers.names) or "-", str(e.micro_batch), str(e.accumulation),
+                      gib(e.gpu_states), gib(e.gpu_activations), gib(e.gpu_total), gib(e.host), gib(e.comm),
+                      f"{e.step_seconds:.2f}", "yes" if e.fits else "no: " + ", ".join(e.why))
     console.print(table)
     best = next((e for e in results if e.fits), None)
     if best is None:
@@ -356,8 +563,10 @@ def report(cfg: RunConfig, hf_config, hw: Hardware, *, write: str | None = None,
     path = write or "ds_configs/planned.json"
     if write:
         write_ds_config(best, Path(write))
-    console.print(f"recommended: [bold]{best.strategy.name}[/], micro batch {best.micro_batch} × accumulation "
-                  f"{best.accumulation} ({best.tokens_per_step:,} tokens per step, est. {best.step_seconds:.2f} s)")
-    console.print("run with: " + " ".join(overrides(best, path))
-                  + ("" if write else f"   (--write {path} writes the DeepSpeed JSON)"))
+    levers = f" with {', '.join(best.levers.names)}" if best.levers.names else ""
+    console.print(f"recommended: [bold]{best.strategy.name}{levers}[/], micro batch {best.micro_batch} × "
+                  f"accumulation {best.accumulation} ({best.tokens_per_step:,} tokens per step, est. "
+                  f"{best.step_seconds:.2f} s; {gib(best.gpu_total)} GiB per GPU, {gib(best.host)} GiB host per node)")
+    keys = overrides(best, path, configured_sequence_parallel=configured_levers(cfg)[1])
+    console.print("run with: " + " ".join(keys) + ("" if write else f"   (--write {path} writes the DeepSpeed JSON)"))
     return best
