@@ -70,7 +70,8 @@ Exact levers come first: quantization changes the weights the adapters train aga
 fits under none shows the lever set that comes closest, at its smallest micro-batch. The levers apply
 without a pipeline only (the pipeline engine has its own loss and checkpointing), and those the run
 config turns on stay on in every row. Of the sequence-parallel strategies only the fastest per S is
-shown.
+shown. When nothing fits, the advice names what would (with that row's numbers), among changes the run
+has not made: gradient checkpointing, LoRA, a shorter sequence, more nodes, NVMe, more GPU or host memory.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bigsft.batch_math import BatchMath
-from bigsft.config import RunConfig
+from bigsft.config import LoraConfig, RunConfig
 from bigsft.model import config_int, model_dims
 
 GIB = 2**30
@@ -526,6 +527,66 @@ def gib(x: float) -> str:
     return f"{x / GIB:,.1f}" if x >= 0.05 * GIB else f"{x / 2**20:,.1f} MiB"
 
 
+def describe(e: Estimate, in_use: Levers) -> str:
+    """A row in words, naming only the levers the run does not use yet, as the keys that turn them on."""
+    extra = [key for key in e.levers.overrides if key not in in_use.overrides]
+    return (f"{e.strategy.name}, micro batch {e.micro_batch}{' with ' + ' '.join(extra) if extra else ''}: "
+            f"{gib(e.gpu_total)} GiB per GPU, {gib(e.host)} GiB host per node")
+
+
+def nothing_fits(shape: ModelShape, cfg: RunConfig, hf_config, hw: Hardware, results: list[Estimate]) -> str:
+    """The closest row, and what would make a row fit with that row's numbers. Names only what the run does
+    not use yet; the planner's own levers were tried in every row, so the advice is about the model, the
+    data and the hardware."""
+    if not results:
+        return (f"no micro-batch size in {MICRO_BATCHES} divides train.global_batch_size over the data-parallel "
+                "ranks; set train.global_batch_size to a multiple of the GPU count")
+    in_use, _ = configured_levers(cfg)
+    closest = min(results, key=lambda e: overshoot(e, hw))
+    usable = 1 - hw.margin
+    message = (f"the closest is {describe(closest, in_use)} ({hw.gpu_mem_gib * usable:.1f} and "
+               f"{hw.cpu_mem_gib * usable:.1f} usable)")
+    changes = fitting_changes(shape, cfg, hf_config, hw, results)
+    fixes = [f"{change} gives {describe(row, in_use)}" for change, row in changes]
+    if not fixes:
+        return message + "; no change of the model, the sequence length or up to 16× the nodes fits either"
+    return message + ". What fits: " + "; ".join(fixes)
+
+
+def fitting_changes(shape: ModelShape, cfg: RunConfig, hf_config, hw: Hardware,
+                    results: list[Estimate]) -> list[tuple[str, Estimate]]:
+    """(change, the fastest row that fits with it), for changes the run has not made yet. Each group is tried
+    in order and gives its first change that fits: the mildest shorter sequence, the fewest nodes."""
+    model, usable = cfg.model, GIB * (1 - hw.margin)
+    groups: list[list[tuple[str, ModelShape, RunConfig, Hardware]]] = []
+    if not model.gradient_checkpointing:
+        groups.append([("model.gradient_checkpointing=true", shape,
+                        replace(cfg, model=replace(model, gradient_checkpointing=True)), hw)])
+    if model.lora is None:
+        lora = LoraConfig(r=16)
+        groups.append([(f"model.lora.r={lora.r}", model_shape(hf_config, model.task, lora),
+                        replace(cfg, model=replace(model, lora=lora)), hw)])
+    lengths = [cfg.data.max_length >> i for i in range(1, 12) if cfg.data.max_length >> i >= 128]
+    groups.append([(f"data.max_length={n}", shape, replace(cfg, data=replace(cfg.data, max_length=n)), hw)
+                   for n in lengths])
+    groups.append([(f"--nodes {k * hw.nodes}", shape, cfg, replace(hw, nodes=k * hw.nodes)) for k in (2, 4, 8, 16)])
+    if not hw.nvme:
+        groups.append([("--nvme", shape, cfg, replace(hw, nvme=True))])
+    if needed := [e.gpu_total for e in results if e.host <= hw.cpu_mem_gib * usable]:
+        gpu_mem = math.ceil(min(needed) / usable)
+        groups.append([(f"--gpu-mem {gpu_mem}", shape, cfg, replace(hw, gpu_mem_gib=gpu_mem))])
+    if needed := [e.host for e in results if e.gpu_total <= hw.gpu_mem_gib * usable]:
+        cpu_mem = math.ceil(min(needed) / usable)
+        groups.append([(f"--cpu-mem {cpu_mem}", shape, cfg, replace(hw, cpu_mem_gib=cpu_mem))])
+    found = []
+    for group in groups:
+        for change, *variant in group:
+            if row := next((e for e in plan_shape(*variant) if e.fits), None):
+                found.append((change, row))
+                break
+    return found
+
+
 def levers_in_use(cfg: RunConfig) -> list[str]:
     in_use, sequence_parallel = configured_levers(cfg)
     return ((["gradient checkpointing"] if cfg.model.gradient_checkpointing else [])
@@ -557,8 +618,7 @@ def report(cfg: RunConfig, hf_config, hw: Hardware, *, write: str | None = None,
     console.print(table)
     best = next((e for e in results if e.fits), None)
     if best is None:
-        console.print("[red]nothing fits[/]: more GPUs, LoRA (model.lora), gradient checkpointing, a shorter "
-                      "data.max_length or --nvme")
+        console.print("[red]nothing fits[/]: " + nothing_fits(shape, cfg, hf_config, hw, results))
         return None
     path = write or "ds_configs/planned.json"
     if write:

@@ -30,6 +30,7 @@ from bigsft.plan import (
     estimate,
     model_shape,
     model_states,
+    nothing_fits,
     overrides,
     plan,
     plan_shape,
@@ -307,6 +308,29 @@ def test_tiled_loss_lowers_activations_by_the_logits_and_activation_offload_move
     assert not allowed(Strategy(zero=3), Levers(quantized=True), cfg=cfg, shape=lora)
     assert not allowed(Strategy(zero=1, pipeline=2), Levers(quantized=True), cfg=cfg, shape=lora)
     assert not allowed(Strategy(zero=2), Levers(quantized=True), cfg=llama3_8b(), shape=lora)  # needs model.lora
+
+
+def test_nothing_fits_names_only_levers_not_in_use_with_numbers(shapes_8b, monkeypatch):
+    _, lora = shapes_8b
+    cfg, hw = llama3_8b(lora={"r": 16}), Hardware(gpus_per_node=1, nodes=1, gpu_mem_gib=8, cpu_mem_gib=16)
+    rows = plan_shape(lora, cfg, hw)
+    assert not any(e.fits for e in rows)
+    advice = nothing_fits(lora, cfg, None, hw, rows)
+    assert "lora" not in advice.lower() and "checkpointing" not in advice
+    assert "data.max_length=1024 gives" in advice and "--nodes 2 gives" in advice and "GiB per GPU" in advice
+    every = Levers(tiled_loss=True, activation_offload=True, quantized=True)
+    monkeypatch.setattr(plan_module, "configured_levers", lambda cfg: (every, 1))
+    rows = plan_shape(lora, cfg, hw)
+    assert all(e.levers == every for e in rows) and not any(e.fits for e in rows)
+    advice = nothing_fits(lora, cfg, None, hw, rows)
+    assert not any(key in advice for key in ("model.tiled_loss", "model.activation_offload", "model.quantization",
+                                             "lora", "checkpointing"))
+    monkeypatch.undo()
+    without = llama3_8b(lora={"r": 16}, gradient_checkpointing=False)
+    sixteen = Hardware(gpus_per_node=1, nodes=1, gpu_mem_gib=16, cpu_mem_gib=64)
+    rows = plan_shape(lora, without, sixteen)
+    assert not any(e.fits for e in rows)
+    assert "model.gradient_checkpointing=true gives ZeRO-" in nothing_fits(lora, without, None, sixteen, rows)
 
 
 def test_plan_header_names_the_levers_and_the_run_line_their_keys(monkeypatch):
