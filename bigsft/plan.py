@@ -36,9 +36,9 @@ Recomputation in Large Transformer Models"), per layer:
   Sequence parallelism over S ranks (DeepSpeed Ulysses) leaves s/S tokens on each rank: every term,
   the logits included, takes s/S for s (attention gathers the whole sequence for a/S heads, which
   sdpa/flash keep linear in s; eager attention is refused), so a rank holds 1/S of the above.
-  Tiled loss: the t = s·b tokens' logits exist one tile at a time, n = ceil(t·V·4 / 1 GiB) tiles (one
-  tile's fp32 logits at most 1 GiB) of ceil(t/n) tokens; the logits term becomes
-  ceil(t/n)·V·(k + 4)·2 + t·h·k (the hidden states' gradient, filled tile by tile, is whole).
+  Tiled loss: the t = s·b tokens' logits exist one tile at a time, tiles of u = min(t, 2^26/V) tokens
+  (one tile's fp32 logits at most 256 MiB, model.tiled_loss's default tile); the logits term becomes
+  u·V·(k + 4)·2 + t·h·k (the selected hidden states and their gradient, filled tile by tile, are whole).
   Activation offload (with checkpointing): the checkpointed inputs, 2·s·b·h·k/2 per layer, go to host
   memory, one layer's stays on the GPU; the host holds them for each of the node's G ranks.
 
@@ -56,8 +56,7 @@ Communication per rank per optimizer step (ring algorithms, m micro-batches, w b
 The time estimate (used only to rank strategies) is compute at `--mfu` of `--gpu-tflops` (6Ψ FLOPs
 per token, 4Ψ+2Ψt with LoRA, +1/3 with checkpointing, ×1.25 with a 4-bit base for dequantizing every
 weight on every pass (a rough figure), the pipeline bubble (P-1)/(m+P-1) added; a rank computes s/S of
-each row; the tiled loss adds nothing: DeepSpeed's TiledFusedLogitsLoss runs each tile's backward
-inside the forward) plus communication at `--intra-node-gbps` / `--inter-node-gbps`, PCIe copies at
+each row; the tiled loss recomputes each tile's head in backward, 2·h·V FLOPs per token more) plus communication at `--intra-node-gbps` / `--inter-node-gbps`, PCIe copies at
 `--pcie-gbps`, the host optimizer step at 10 GB/s of state and NVMe at 3 GB/s. A strategy fits when
 GPU and host totals stay under (1 - margin) of what is there.
 
@@ -90,7 +89,7 @@ GIB = 2**30
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weights + 8-bit absmax per 64 + fp32 scale per 256 absmaxes
 QUANTIZED_SLOWDOWN = 1.25  # rough: bitsandbytes dequantizes each weight before every matmul
-LOSS_TILE_BYTES = GIB  # fp32 logits of one tile of the tiled loss
+LOSS_TILE_BYTES = 2**28  # fp32 logits of one tile of the tiled loss (bigsft.model.loss_tile_tokens' default)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,14 +199,12 @@ LEVER_ORDER = tuple(Levers(quantized=q, tiled_loss=t, activation_offload=a)
 
 
 def configured_levers(cfg: RunConfig) -> tuple[Levers, int]:
-    """(levers, sequence-parallel size) that the run config itself turns on. Read with getattr: the keys
-    (model.tiled_loss, model.activation_offload, model.quantization.bits, sequence_parallel.size) come to
-    bigsft.config with the features themselves; a config without them uses none."""
+    """(levers, sequence-parallel size) that the run config itself turns on. model.activation_offload and
+    model.quantization are read with getattr: those keys come to bigsft.config with their features."""
     model = cfg.model
     bits = getattr(getattr(model, "quantization", None), "bits", None)
-    size = getattr(getattr(cfg, "sequence_parallel", None), "size", None)
-    return (Levers(tiled_loss=bool(getattr(model, "tiled_loss", False)), quantized=bits == 4,
-                   activation_offload=bool(getattr(model, "activation_offload", False))), size or 1)
+    return (Levers(tiled_loss=model.tiled_loss, quantized=bits == 4,
+                   activation_offload=bool(getattr(model, "activation_offload", False))), cfg.sequence_parallel.size)
 
 
 @dataclass
@@ -304,8 +301,8 @@ def logits(shape: ModelShape, *, tokens: int, k: int, tiled: bool) -> float:
     """The logits, their fp32 copy and their gradient; tiled, one tile's worth plus the hidden states' gradient."""
     if not tiled:
         return tokens * shape.vocab * (k + 4) * 2
-    tiles = max(1, math.ceil(tokens * shape.vocab * 4 / LOSS_TILE_BYTES))
-    return math.ceil(tokens / tiles) * shape.vocab * (k + 4) * 2 + tokens * shape.hidden * k
+    tile = min(tokens, max(1, LOSS_TILE_BYTES // (4 * shape.vocab)))
+    return tile * shape.vocab * (k + 4) * 2 + tokens * shape.hidden * k
 
 
 def activations(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, checkpointing: bool,
@@ -360,8 +357,10 @@ def communication(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware, a
 
 def step_seconds(shape: ModelShape, s: Strategy, *, hw: Hardware, tokens_per_rank: int, checkpointing: bool,
                  net: float, pcie: float, accumulation: int, all_to_all: float = 0.0, dtype: str = "bf16",
-                 quantized: bool = False) -> float:
+                 quantized: bool = False, tiled_loss: bool = False) -> float:
     flops_per_token = 6 * shape.params if shape.trainable == shape.params else 4 * shape.params + 2 * shape.trainable
+    if tiled_loss:  # each tile's head again in backward
+        flops_per_token += 2 * shape.hidden * shape.vocab
     compute = flops_per_token / s.pipeline * tokens_per_rank / (hw.gpu_tflops * 1e12 * hw.mfu)
     if checkpointing:
         compute *= 4 / 3
@@ -492,7 +491,8 @@ def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, ba
     tokens = micro_batch * accumulation * seq
     seconds = step_seconds(shape, s, hw=hw, tokens_per_rank=micro_batch * accumulation * math.ceil(seq / sp),
                            checkpointing=checkpointing, net=net, pcie=pcie, accumulation=accumulation,
-                           all_to_all=all_to_all, dtype=dtype, quantized=levers.quantized)
+                           all_to_all=all_to_all, dtype=dtype, quantized=levers.quantized,
+                           tiled_loss=levers.tiled_loss)
     why = []
     if gpu_states + acts > hw.gpu_mem_gib * GIB * (1 - hw.margin):
         why.append("GPU memory")
