@@ -99,6 +99,12 @@ class ModelConfig:
     """Training precision. bf16/fp16 keep fp32 master weights in the optimizer."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
+    checkpoint_layers: int | list[int] = 1
+    """With gradient_checkpointing: which layers recompute their activations in backward: every k-th layer
+    (an integer k: layers 0, k, 2k, ...; 1: all), or a list of layer indices; the others keep theirs."""
+    activation_offload: bool = False
+    """With gradient_checkpointing: each checkpointed layer's input waits for the backward in host memory,
+    not on the GPU (more PCIe traffic, less GPU memory)."""
     tiled_loss: bool = False
     """causal_lm: compute the LM head and its loss over tiles of trained tokens, each recomputed in backward,
     so the [tokens × vocab] logits never exist whole (Llama, Mistral, Qwen2/3, GPT-2, Phi-3 families)."""
@@ -762,6 +768,16 @@ def _model_problems(cfg: RunConfig) -> list[str]:
     if (m.tiled_loss or m.tiled_mlp) and cfg.pipeline.stages > 1:
         errors.append("model.tiled_loss / model.tiled_mlp: not with pipeline.stages > 1 (each stage runs its own "
                       "layers); use ZeRO, with sequence_parallel.size for long rows")
+    if (m.activation_offload or m.checkpoint_layers != 1) and not m.gradient_checkpointing:
+        errors.append("model.activation_offload / model.checkpoint_layers: they choose how gradient checkpointing "
+                      "runs; set model.gradient_checkpointing=true")
+    if (m.activation_offload or m.checkpoint_layers != 1) and cfg.pipeline.stages > 1:
+        errors.append("model.activation_offload / model.checkpoint_layers: not with pipeline.stages > 1; the "
+                      "pipeline checkpoints by pipeline.activation_checkpoint_interval")
+    layers = m.checkpoint_layers
+    if (layers < 1) if isinstance(layers, int) else (not layers or min(layers) < 0):
+        errors.append(f"model.checkpoint_layers: {layers}; an integer k >= 1 (every k-th layer) or a non-empty "
+                      "list of layer indices")
     if m.tile_tokens is not None and m.tile_tokens < 1:
         errors.append(f"model.tile_tokens: {m.tile_tokens}; must be >= 1")
     if m.lora is not None:

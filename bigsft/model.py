@@ -207,6 +207,7 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
         model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        choose_checkpointed_layers(model, cfg.checkpoint_layers, offload=cfg.activation_offload)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     return allow_universal_checkpoints(model)
@@ -492,8 +493,9 @@ def tile_mlps(model, hf_config, tile_tokens: int | None = None) -> int:
     return count
 
 
-def tiling_problems(cfg: ModelConfig, hf_config) -> list[str]:
-    """model.tiled_loss and model.tiled_mlp need a family whose head and MLP bigsft knows (before launch)."""
+def lever_problems(cfg: ModelConfig, hf_config) -> list[str]:
+    """model.tiled_loss and model.tiled_mlp need a family whose head and MLP bigsft knows; model.checkpoint_layers'
+    indices must be the model's (before launch)."""
     model_type = getattr(hf_config, "model_type", None)
     known = ", ".join(sorted(HEAD_ON_TRAINED_FAMILIES))
     problems = []
@@ -502,4 +504,52 @@ def tiling_problems(cfg: ModelConfig, hf_config) -> list[str]:
                         f"(families: {known}, without logit scaling)")
     if cfg.tiled_mlp and model_type not in HEAD_ON_TRAINED_FAMILIES:
         problems.append(f"model.tiled_mlp: bigsft tiles the per-token MLPs of {known}; not {model_type}")
+    layers = model_dims(hf_config)[0]
+    if cfg.gradient_checkpointing and isinstance(cfg.checkpoint_layers, list) and layers:
+        beyond = [i for i in cfg.checkpoint_layers if i >= layers]
+        if beyond:
+            problems.append(f"model.checkpoint_layers: {beyond} beyond the model's {layers} layers (0-{layers - 1})")
     return problems
+
+
+def checkpointing_layers(model) -> list:
+    """The layers transformers can checkpoint (decoder / encoder blocks), in module order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def choose_checkpointed_layers(model, which: int | list[int], *, offload: bool) -> list[int]:
+    """After `gradient_checkpointing_enable`: keep checkpointing only on every `which`-th layer (an int: 0, k,
+    2k, ...) or on the listed layer indices; the others keep their activations. With `offload` each
+    checkpointed layer's input waits for the backward in host memory (`offloaded_checkpoint`). Returns the
+    checkpointed layers' indices."""
+    chosen = []
+    for i, layer in enumerate(checkpointing_layers(model)):
+        keep = i % which == 0 if isinstance(which, int) else i in which
+        layer.gradient_checkpointing = keep
+        if keep:
+            chosen.append(i)
+            if offload:
+                layer._gradient_checkpointing_func = offloaded_checkpoint
+    return chosen
+
+
+def park(tensor):
+    """A host copy of `tensor` that stays on the autograd graph: the gradient of the copy flows back to the
+    device tensor. On a CPU-only machine it is still a copy, so that the device tensor can be freed."""
+    return tensor.to("cpu", copy=True)
+
+
+def offloaded_checkpoint(function, hidden, *args):
+    """torch's non-reentrant activation checkpointing of `function(hidden, *args)`, with `hidden` kept in host
+    memory until the backward recomputes the layer (model.activation_offload): what a checkpointed layer
+    would keep on the device is its input, and the checkpoint's recompute closure holds the host copy
+    instead. The copies cost 2 · the layer input's bytes over PCIe per step (down in forward, up in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(_on_device, function, park(hidden), hidden.device, *args, use_reentrant=False)
+
+
+def _on_device(function, parked, device, *args):
+    return function(parked.to(device), *args)

@@ -199,12 +199,12 @@ LEVER_ORDER = tuple(Levers(quantized=q, tiled_loss=t, activation_offload=a)
 
 
 def configured_levers(cfg: RunConfig) -> tuple[Levers, int]:
-    """(levers, sequence-parallel size) that the run config itself turns on. model.activation_offload and
-    model.quantization are read with getattr: those keys come to bigsft.config with their features."""
+    """(levers, sequence-parallel size) that the run config itself turns on. model.quantization is read with
+    getattr: that key comes to bigsft.config with its feature."""
     model = cfg.model
     bits = getattr(getattr(model, "quantization", None), "bits", None)
-    return (Levers(tiled_loss=model.tiled_loss, quantized=bits == 4,
-                   activation_offload=bool(getattr(model, "activation_offload", False))), cfg.sequence_parallel.size)
+    return (Levers(tiled_loss=model.tiled_loss, quantized=bits == 4, activation_offload=model.activation_offload),
+            cfg.sequence_parallel.size)
 
 
 @dataclass

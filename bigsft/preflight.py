@@ -113,7 +113,7 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
     """All environment checks; raises one ConfigError listing every problem."""
     from bigsft.data.sources import list_files
     from bigsft.dist import accelerator_name, fp16_supported
-    from bigsft.model import load_hf_config, task_problems, tiling_problems
+    from bigsft.model import lever_problems, load_hf_config, task_problems
     from bigsft.sequence_parallel import sequence_parallel_problems
 
     errors: list[str] = []
@@ -128,7 +128,7 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
         hf_config = load_hf_config(cfg.model)
         errors += task_problems(hf_config, cfg.model.task, cfg.model.trust_remote_code)
         errors += sequence_parallel_problems(hf_config, sp)
-        errors += tiling_problems(cfg.model, hf_config)
+        errors += lever_problems(cfg.model, hf_config)
         if cfg.pipeline.stages > 1:
             from bigsft.model import resolve_model_path
             from bigsft.pipe import pipeline_problems

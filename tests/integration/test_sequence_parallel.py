@@ -1,7 +1,8 @@
 """Sequence parallelism (DeepSpeed Ulysses) on CPU ranks: each row split over 2 ranks gives the losses and
 gradient norms of the whole rows on one, for Llama and Qwen2, packed and padded, under ZeRO-3, ZeRO-2 with
 offload and LoRA, ZeRO-1 with data parallelism beside it; and its checkpoints resume without it. The split
-runs also tile the loss (and Qwen2's MLPs) in tiles of 16 tokens, against untiled references."""
+runs also tile the loss (and Qwen2's MLPs) in tiles of 16 tokens and checkpoint layers with their inputs in
+host memory, against references without any of it."""
 
 from __future__ import annotations
 
@@ -51,12 +52,14 @@ def runs(pool, sp_config, qwen_dir, tmp_path_factory) -> dict[str, Path]:
 
     llama = ("test_llama_packed_rows_split_over_2_ranks_under_zero3_with_tiled_loss",)
     add("llama_one", PACKED, (*llama, "test_a_sequence_parallel_checkpoint_resumes_on_one_rank"), launcher="plain")
-    add("llama_sp2", [*PACKED, SP2, *TILED, "deepspeed=zero3"], llama, nproc=2)
+    # ZeRO-3, with the tiled loss, and the first of the 2 layers checkpointed with its input in host memory
+    offload = ["model.gradient_checkpointing=true", "model.activation_offload=true"]
+    add("llama_sp2", [*PACKED, SP2, *TILED, *offload, "model.checkpoint_layers=2", "deepspeed=zero3"], llama, nproc=2)
     qwen = ("test_qwen2_packed_lora_under_zero2_offload_with_tiled_loss_and_mlp",)
     model = f"model.name_or_path={qwen_dir}"
     add("qwen_one", [*PACKED, model, LORA], qwen, launcher="plain")
-    add("qwen_sp2", [*PACKED, model, LORA, SP2, *TILED, "model.tiled_mlp=true", "deepspeed=zero2_offload"], qwen,
-        nproc=2)
+    add("qwen_sp2", [*PACKED, model, LORA, SP2, *TILED, "model.tiled_mlp=true", *offload, "deepspeed=zero2_offload"],
+        qwen, nproc=2)
     grid = ("test_2_data_parallel_x_2_sequence_parallel_equals_2_data_parallel",)
     padded = ["train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "deepspeed=zero1"]
     add("dp2", padded, grid, nproc=2)

@@ -10,7 +10,7 @@ from test_trained_head import FAMILIES, SMALL, sample
 from bigsft.config import ConfigError, ModelConfig, config_from_dict
 from bigsft.data.batching import collate_packed
 from bigsft.evaluate import summed_loss
-from bigsft.model import loss_tile_tokens, tile_mlps, tiling_problems, trained_positions_head
+from bigsft.model import lever_problems, loss_tile_tokens, tile_mlps, trained_positions_head
 
 TILE = 7  # does not divide the trained tokens: a short last tile
 
@@ -115,7 +115,7 @@ def test_tile_size_and_the_checks_before_launch(tmp_path):
     assert loss_tile_tokens(ModelConfig(tiled_loss=True, tile_tokens=64), llama) == 64
     assert loss_tile_tokens(ModelConfig(), llama) is None
     gemma = AutoConfig.for_model("gemma2")
-    problems = tiling_problems(ModelConfig(tiled_loss=True, tiled_mlp=True), gemma)
+    problems = lever_problems(ModelConfig(tiled_loss=True, tiled_mlp=True), gemma)
     assert len(problems) == 2 and "gemma2 head is not a plain projection" in problems[0]
     assert "not gemma2" in problems[1]
 
