@@ -130,8 +130,10 @@ class ZeroSteps:
         loss_sum = torch.zeros((), dtype=torch.float64)
         grad_norm = None
         for i, micro in enumerate(window):
-            loss, _ = self.forward(micro)
-            engine.backward(loss * (scale * caller_scale), scale_wrt_gas=False)
+            # backward too: gradient checkpointing recomputes layers, their attention split as in forward
+            with self._split_attention():
+                loss, _ = self.forward(micro)
+                engine.backward(loss * (scale * caller_scale), scale_wrt_gas=False)
             loss_sum += loss.detach().double().cpu()
             if self.own_grad_norm and i == len(window) - 1:
                 grad_norm = grad_norm_of(engine.module) / caller_scale
@@ -149,8 +151,7 @@ class ZeroSteps:
     def forward(self, micro: Batch):
         from bigsft.evaluate import summed_loss
 
-        with self._split_attention():
-            return summed_loss(self.engine, micro.to(self.device), task=self.task, head=self.head)
+        return summed_loss(self.engine, micro.to(self.device), task=self.task, head=self.head)
 
     def _split_attention(self):
         return self.sp.active() if self.sp is not None else contextlib.nullcontext()

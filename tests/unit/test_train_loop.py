@@ -173,17 +173,19 @@ def train_logs(trainer):
 def test_zero_steps_scale_each_micro_batch_by_the_global_batch(monkeypatch):
     """loss_sum × dp / trained units of the global batch, times an fp16 wrapper's scale when bigsft
     applies it; one engine.step per micro-batch; the window's loss sum comes back unscaled."""
-    for caller_scales, scale in ((False, 1.0), (True, 1024.0)):
+    # Under sequence parallelism DeepSpeed averages over data- × sequence-parallel ranks: the factor is theirs.
+    for caller_scales, scale, sp in ((False, 1.0, 1), (True, 1024.0, 1), (False, 1.0, 2)):
         steps = ZeroSteps.__new__(ZeroSteps)
         steps.engine = Engine(fp16_scale=scale if caller_scales else None)
-        steps.batch = BatchMath(micro_batch_size=2, gradient_accumulation_steps=3, data_parallel_size=4)
-        steps.caller_scales, steps.own_grad_norm = caller_scales, False
+        steps.batch = BatchMath(micro_batch_size=2, gradient_accumulation_steps=3, data_parallel_size=4,
+                                sequence_parallel=sp)
+        steps.caller_scales, steps.own_grad_norm, steps.sp = caller_scales, False, None
         losses = iter([3.0, 5.0, 7.0])
         steps.forward = lambda micro, losses=losses: (torch.tensor(next(losses)), None)
         window = [batch(4), batch(4), batch(4)]
         result = steps.train_step(window, WindowCounts(targets=48, tokens=60, positions=96, samples=24,
                                                        attention_pairs=0))
-        expected = [loss * 4 / 48 * scale for loss in (3.0, 5.0, 7.0)]
+        expected = [loss * 4 * sp / 48 * scale for loss in (3.0, 5.0, 7.0)]
         assert [c[0] for c in steps.engine.backward_calls] == pytest.approx(expected)
         assert all(c[1] is False for c in steps.engine.backward_calls)  # bigsft normalizes, not DeepSpeed
         assert steps.engine.micro_steps == 3
