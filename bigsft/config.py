@@ -78,6 +78,16 @@ class LoraConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QuantizationConfig:
+    """QLoRA: the frozen base loaded in 4 bits through bitsandbytes; the LoRA adapters train in model.dtype."""
+
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.37 bit per weight less)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name_or_path: str | None = None
     """Local directory, hub id, or `pkg:<python package>` for a model directory shipped inside a
@@ -126,6 +136,8 @@ class ModelConfig:
     cross-attention starts random). Both must share the tokenizer (`model.tokenizer`, else `name_or_path`'s)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters (through peft) instead of all weights; only they are optimized and checkpointed."""
+    quantization: QuantizationConfig | None = None
+    """With lora: the frozen base in 4 bits (QLoRA, bitsandbytes); ZeRO 0-2 only, export dequantizes and merges."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -780,6 +792,15 @@ def _model_problems(cfg: RunConfig) -> list[str]:
                       "list of layer indices")
     if m.tile_tokens is not None and m.tile_tokens < 1:
         errors.append(f"model.tile_tokens: {m.tile_tokens}; must be >= 1")
+    if m.quantization is not None:
+        if m.lora is None:
+            errors.append("model.quantization: a 4-bit base cannot be trained itself; set model.lora (QLoRA trains "
+                          "adapters over the frozen 4-bit base)")
+        if m.name_or_path is None or m.decoder is not None:
+            errors.append("model.quantization: quantizes pretrained weights as they load; set model.name_or_path "
+                          "(not model.config, nor a warm-started model.decoder)")
+        if cfg.pipeline.stages > 1:
+            errors.append("model.quantization: not with pipeline.stages > 1 (stages load plain weights)")
     if m.lora is not None:
         if m.lora.r < 1:
             errors.append(f"model.lora.r: {m.lora.r}; must be >= 1")

@@ -35,6 +35,11 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] 
         return engine._zero3_consolidated_16bit_state_dict()
     if dist.rank() != 0:
         return None
+    if getattr(engine.module, "is_loaded_in_4bit", False) or getattr(
+            getattr(engine.module, "base_model", None), "is_loaded_in_4bit", False):
+        from bigsft.model import dequantized_state_dict
+
+        return {k: v.detach().cpu() for k, v in dequantized_state_dict(engine.module).items()}
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
@@ -117,6 +122,8 @@ def save_lora(peft_model, state_dict: dict[str, torch.Tensor], out_dir: str | Pa
 
     unset_hf_deepspeed_config()  # the rebuild below must not be partitioned again
     base_config = copy.deepcopy(peft_model.get_base_model().config)
+    if hasattr(base_config, "quantization_config"):  # QLoRA: the rebuild holds the dequantized weights
+        del base_config.quantization_config
     peft_task = peft_model.peft_config["default"].task_type
     task = next(t for t, name in PEFT_TASK_TYPES.items() if name == peft_task)
     with torch.device("meta"):

@@ -178,6 +178,8 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
         n = len(id2label) if id2label else cfg.num_labels or len(cfg.labels or [])
         labels = id2label or {i: f"LABEL_{i}" for i in range(n)}
         kwargs.update(num_labels=n, id2label=dict(labels), label2id={v: k for k, v in labels.items()})
+    if cfg.quantization is not None:
+        kwargs.update(quantization_config=bnb_config(cfg), device_map={"": _device_name()})
     if cfg.decoder is not None:
         model = _warm_started_encoder_decoder(cfg, hf_config, kwargs)
     elif cfg.config is not None:
@@ -191,6 +193,8 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     else:
         model = auto.from_pretrained(resolve_model_path(cfg.name_or_path), revision=cfg.revision, **kwargs)
 
+    if cfg.quantization is not None:
+        keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         with _forked_rng():
             model.resize_token_embeddings(len(tokenizer))  # a <pad> token was added
@@ -211,6 +215,51 @@ def build_model(cfg: ModelConfig, hf_config, *, tokenizer, id2label: dict[int, s
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     return allow_universal_checkpoints(model)
+
+
+def bnb_config(cfg: ModelConfig):
+    """transformers' BitsAndBytesConfig for model.quantization: 4-bit weights computed in model.dtype."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quantization
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(cfg.dtype))
+
+
+def _device_name() -> str:
+    """bitsandbytes quantizes as the weights reach the device they compute on: this rank's."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes repacks a 4-bit weight in place for a bf16 CPU kernel the first time it runs in eval without
+    gradients (on CPUs with AVX512-BF16): evals would then compute differently from training, and the weight
+    no longer dequantizes as stored. Off: one layout, one computation, on every device."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def dequantized_state_dict(model) -> dict:
+    """The model's state dict with every 4-bit weight (bitsandbytes `Linear4bit`) replaced by its dequantized
+    values in the module's compute dtype, and the quantization state's entries left out: what the adapters
+    trained against, in a form any unquantized copy of the architecture loads."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = module.weight
+            key = f"{name}.weight"
+            for extra in [k for k in state if k.startswith(key + ".")]:
+                del state[extra]
+            state[key] = dequantize_4bit(weight.data, weight.quant_state).to(module.compute_dtype or weight.quant_state.dtype)
+    return state
 
 
 def _warm_started_encoder_decoder(cfg: ModelConfig, hf_config, kwargs: dict):

@@ -109,6 +109,19 @@ def _output_dir_problem(output_dir: str) -> str | None:
     return None
 
 
+def quantization_problems(ds: dict) -> list[str]:
+    """QLoRA's 4-bit base needs bitsandbytes, and a ZeRO stage that leaves the frozen weights whole."""
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("model.quantization: needs bitsandbytes; pip install 'bigsft[qlora]' (or bitsandbytes)")
+    if ds and zero_stage(ds) == 3:
+        problems.append("model.quantization: ZeRO-3 cannot partition quantized weights (bitsandbytes' packed 4-bit "
+                        "tensors and their quantization state); use ZeRO 0, 1 or 2, with optimizer offload if needed")
+    return problems
+
+
 def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
     """All environment checks; raises one ConfigError listing every problem."""
     from bigsft.data.sources import list_files
@@ -154,6 +167,8 @@ def preflight(cfg: RunConfig, launch: LaunchEnv) -> Preflight:
             ds = resolve_ds_config(ds_raw, ds_label, values, accelerator=accelerator, fp16_kernels=fp16_kernels)
     except ConfigError as e:
         errors += e.problems
+    if cfg.model.quantization is not None:
+        errors += quantization_problems(ds)
     if cfg.model.dtype == "bf16" and accelerator == "cuda":
         import torch
 
