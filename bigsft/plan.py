@@ -199,12 +199,10 @@ LEVER_ORDER = tuple(Levers(quantized=q, tiled_loss=t, activation_offload=a)
 
 
 def configured_levers(cfg: RunConfig) -> tuple[Levers, int]:
-    """(levers, sequence-parallel size) that the run config itself turns on. model.quantization is read with
-    getattr: that key comes to bigsft.config with its feature."""
+    """(levers, sequence-parallel size) that the run config itself turns on."""
     model = cfg.model
-    bits = getattr(getattr(model, "quantization", None), "bits", None)
-    return (Levers(tiled_loss=model.tiled_loss, quantized=bits == 4, activation_offload=model.activation_offload),
-            cfg.sequence_parallel.size)
+    return (Levers(tiled_loss=model.tiled_loss, quantized=model.quantization is not None,
+                   activation_offload=model.activation_offload), cfg.sequence_parallel.size)
 
 
 @dataclass
@@ -629,4 +627,28 @@ def report(cfg: RunConfig, hf_config, hw: Hardware, *, write: str | None = None,
                   f"{best.step_seconds:.2f} s; {gib(best.gpu_total)} GiB per GPU, {gib(best.host)} GiB host per node)")
     keys = overrides(best, path, configured_sequence_parallel=configured_levers(cfg)[1])
     console.print("run with: " + " ".join(keys) + ("" if write else f"   (--write {path} writes the DeepSpeed JSON)"))
+    qlora = qlora_alternative(shape, cfg, hw, best)
+    if qlora is not None:
+        console.print(f"with less GPU memory: [bold]QLoRA[/], {qlora.strategy.name} with "
+                      f"{', '.join(qlora.levers.names)}, micro batch {qlora.micro_batch} × accumulation "
+                      f"{qlora.accumulation} ({gib(qlora.gpu_total)} GiB per GPU against {gib(best.gpu_total)}, est. "
+                      f"{qlora.step_seconds:.2f} s): "
+                      + " ".join(overrides(qlora, qlora.strategy.ds_config,
+                                           configured_sequence_parallel=configured_levers(cfg)[1])))
     return best
+
+
+def qlora_alternative(shape: ModelShape, cfg: RunConfig, hw: Hardware, best: Estimate) -> Estimate | None:
+    """For a LoRA run whose recommendation keeps a 16-bit base: the same run (batch, levers, strategy, or
+    ZeRO-2 where the recommendation is ZeRO-3) with a 4-bit base, QLoRA, when it fits. The recommendation
+    stays the faster, exact one; this is the margin a tight GPU (fragmentation, other processes) may need."""
+    if cfg.model.lora is None or best.levers.quantized:
+        return None
+    strategy = best.strategy if best.strategy.zero <= 2 else Strategy(zero=2, offload_optimizer=best.strategy.offload_optimizer)
+    levers = best.levers | Levers(quantized=True)
+    if not allowed(strategy, levers, cfg=cfg, shape=shape):
+        return None
+    batch = BatchMath(micro_batch_size=best.micro_batch, gradient_accumulation_steps=best.accumulation,
+                      data_parallel_size=hw.gpus // (strategy.pipeline * strategy.sequence_parallel))
+    qlora = estimate(shape, strategy, cfg=cfg, hw=hw, batch=batch, seq=cfg.data.max_length, levers=levers)
+    return qlora if qlora.fits and qlora.gpu_total < best.gpu_total else None

@@ -356,3 +356,23 @@ def test_plan_header_names_the_levers_and_the_run_line_their_keys(monkeypatch):
     sp = replace(best, strategy=replace(best.strategy, sequence_parallel=4))
     assert "sequence_parallel.size=4" in overrides(sp, "x.json", configured_sequence_parallel=2)
     assert not any(o.startswith("sequence_parallel") for o in overrides(sp, "x.json", configured_sequence_parallel=4))
+
+
+def test_8b_lora_on_one_24gib_gpu_names_qlora_with_its_numbers(shapes_8b):
+    """The issue's case: bf16 LoRA r16 with checkpointing at 4096 tokens on one 24 GiB GPU. The recommendation is
+    the fastest row that fits (a 16-bit base with the tiled loss); QLoRA follows with its memory, time and keys."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    cfg = llama3_8b(lora={"r": 16, "alpha": 32}, **{"tiled_loss": False})
+    hw = Hardware(gpus_per_node=1, nodes=1, gpu_mem_gib=24, cpu_mem_gib=64)
+    out = io.StringIO()
+    best = report(cfg, load_hf_config(cfg.model), hw, console=Console(file=out, width=250))
+    text = out.getvalue()
+    line = next(x for x in text.splitlines() if x.startswith("with less GPU memory: QLoRA"))
+    qlora, against = (float(v) for v in re.search(r"\(([\d.]+) GiB per GPU against ([\d.]+),", line).groups())
+    assert qlora < against == pytest.approx(best.gpu_total / GIB, abs=0.05) and against < 24 * 0.9
+    assert "model.quantization.bits=4" in line and "deepspeed=zero" in line
+    assert not best.levers.quantized
