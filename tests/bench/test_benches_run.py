@@ -1,6 +1,6 @@
 """Benchmarks are scripts, not tests: here they only have to run end to end on a tiny setting.
 
-Their numbers are not checked, only that they run and print their tables: the four scripts run side by side
+Their numbers are not checked, only that they run and print their tables: the scripts run side by side
 (conftest's LaunchPool), each test waiting for its own."""
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def benches(request, tmp_path_factory):
     pool.add("throughput", commands=lambda: [(
         [sys.executable, "bench/throughput.py", "--reps", "1", "--steps", "4", "--hidden", "64", "--layers", "2",
          "--records", "120", "--plot", str(d / "t.png")], env)], timeout=900, tests=("test_throughput_bench_runs",))
+    pool.add("long_context", commands=lambda: [(
+        [sys.executable, "bench/long_context.py", "--lengths", "256", "512", "--layers", "2", "--hidden", "64",
+         "--budget-mib", "10"], env)], timeout=600, tests=("test_long_context_bench_runs",))
     pool.add("gpu", commands=lambda: [(["bash", "bench/gpu.sh"], {**env, "SMOKE": "1",
                                                                    "BIGSFT_PYTHON": sys.executable})],
              timeout=900, tests=("test_gpu_bench_script_runs_its_whole_path_in_smoke_mode",))
@@ -82,3 +85,12 @@ def test_gpu_bench_script_runs_its_whole_path_in_smoke_mode(benches):
     assert "tokens/s" in table[0] and "TFLOP/s" in table[0] and "MFU" in table[0]
     assert table[1].startswith("bigsft (packed)") and table[2].startswith("HF Trainer (padded)")
     assert "bigsft / HF Trainer tokens/s:" in table[3]
+
+
+def test_long_context_bench_runs(benches):
+    proc = benches.result("long_context")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for variant in ("plain", "checkpointing", "ckpt + offload", "ckpt + tiled", "SP 2 + ckpt"):
+        row = next(line for line in lines if line.strip().startswith(variant))
+        assert len(row.split()) >= 5, row  # two lengths of MiB and tokens/s, and the longest that fits
