@@ -112,6 +112,25 @@ def causal_config(tmp_path: Path, model_dir: Path, train: Path, evaluation: Path
     return path
 
 
+def split_alpaca_config(d: Path, model_dir: Path, *, seed: int, **train_keys) -> Path:
+    """A causal-LM run config over 100 synthetic alpaca records for training and 20 more for eval."""
+    records = tiny.alpaca_records(120, seed=seed)
+    train = tiny.write_jsonl(d / "train.jsonl", records[:100])
+    evaluation = tiny.write_jsonl(d / "eval.jsonl", records[100:])
+    return causal_config(d, model_dir, train, evaluation, **train_keys)
+
+
+def assert_continues(resumed: Path, reference: Path, *, after_step: int, tolerance: float) -> None:
+    """The run resumed from `after_step` logs the reference run's later steps: same steps, tokens, losses and
+    gradient norms."""
+    got = [r for r in read_metrics(resumed) if "loss" in r]
+    want = [r for r in read_metrics(reference) if "loss" in r][after_step:]
+    assert [r["step"] for r in got] == [r["step"] for r in want] and got
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=tolerance), key
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
