@@ -25,20 +25,37 @@ Model states (weights, gradients, optimizer), mixed precision (bf16/fp16):
   quantization, with one fp32 scale per 256 absmaxes): 0.5 + 1/64 + 4/(64·256) ≈ 0.516 bytes, 4.127
   bits. Embeddings, norms, biases and the LM head stay 16-bit: "2Ψ" becomes 2(Ψ - Ψq) + 0.516Ψq.
 
-Activations per micro-batch of b rows of s tokens, hidden h, MLP width i, a heads, vocab V, k bytes
-per activation value (2, or 4 in fp32), after Korthikanti et al. 2022 ("Reducing Activation
-Recomputation in Large Transformer Models"), per layer:
+Activations per micro-batch of b rows of s tokens, hidden h, MLP width i, a heads (a_kv key/value
+heads, g = a_kv/a), vocab V, k bytes per activation value (2, or 4 in fp32), per layer:
+  gated-MLP decoders (Llama, Qwen2, Mistral: RMSNorm, SwiGLU, no dropout), from the tensors autograd
+  saves (counted op by op on CPU in tests/integration/test_plan_measured.py):
+    s·b·h·((8 + 2g + 4i/h)·k + 8·[k < 4])   the residuals, both norms' outputs (in 16-bit also their
+                                  fp32 inputs), q, k, v, the attention output, gate, up, SiLU, product
+    + a·s²·b·(4 + k·[k < 4])      with eager attention (the fp32 softmax and its cast)
+  other models (GPT-2, BERT: dropout masks), after Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models"):
     s·b·h·(15 + 19·i/(4h))·k/2   with sdpa / flash attention (no s² score matrix kept)
     + 5·a·s²·b·k/2               with eager attention
-  with gradient checkpointing only each layer's input is kept, 2·s·b·h·k/2 per layer, plus one layer
-  recomputed at a time; the logits add s·b·V·(k + 4)·2 (logits, their fp32 copy for the loss, and their
-  gradient). A pipeline stage holds its layers' activations for min(P, micro-batches) micro-batches.
+  With gradient checkpointing only each layer's input is kept, 2·s·b·h·k/2 per layer, plus one layer
+  recomputed at a time. The logits add s·b·V·(k + 4)·2 (logits, their fp32 copy for the loss, and their
+  gradient). A masked attention (packed rows, or padded rows of a micro-batch > 1) outside
+  flash-attention builds a [b, 1, s, s] boolean mask (b·s² bytes), and sdpa keeps a k-byte float copy of
+  it for each layer's backward (b·s²·k; under checkpointing, the recomputed layer's). Flash-attention
+  takes packed rows as variable-length sequences, with no mask.
+  A gated layer's backward adds its working gradients, s·b·(3i + 2h)·k. The peak: every layer's kept
+  activations (all of them, or under checkpointing their inputs) and the masks, plus the larger of the
+  logits and the last layer's backward (its working gradients; under checkpointing its recomputed
+  activations too): the logits are freed before the last layer's backward. A pipeline stage holds its
+  layers' activations for min(P, micro-batches) micro-batches.
   Sequence parallelism over S ranks (DeepSpeed Ulysses) leaves s/S tokens on each rank: every term,
   the logits included, takes s/S for s (attention gathers the whole sequence for a/S heads, which
-  sdpa/flash keep linear in s; eager attention is refused), so a rank holds 1/S of the above.
-  Tiled loss: the t = s·b tokens' logits exist one tile at a time, tiles of u = min(t, 2^26/V) tokens
-  (one tile's fp32 logits at most 256 MiB, model.tiled_loss's default tile); the logits term becomes
-  u·V·(k + 4)·2 + t·h·k (the selected hidden states and their gradient, filled tile by tile, are whole).
+  sdpa/flash keep linear in s; eager attention is refused), so a rank holds 1/S of the above, except
+  the attention mask, which each rank builds over the whole gathered sequence.
+  Tiled loss: the t = s·b tokens' logits exist one tile at a time, tiles of u = min(t, model.tile_tokens)
+  tokens (default 2^26/V, the run's own: one tile's fp32 logits at most 256 MiB); the logits term becomes
+  u·V·(12 + k·[k < 4]) + V·h·k + 2·t·h·k: a tile recomputed in backward holds its fp32 log-softmax, its
+  gradient and the logits' (and in 16-bit their cast), the head's weight gradient is formed whole, and
+  the selected hidden states and their gradient, filled tile by tile, are whole.
   Activation offload (with checkpointing): the checkpointed inputs, 2·s·b·h·k/2 per layer, go to host
   memory, one layer's stays on the GPU; the host holds them for each of the node's G ranks.
 
@@ -123,6 +140,8 @@ class ModelShape:
     vocab: int
     kv_heads: int | None = None
     """Key/value heads (grouped-query attention); None: as many as `heads`."""
+    gated: bool = False
+    """A gated MLP (gate_proj: Llama, Qwen2, Mistral), whose layer activations are counted tensor by tensor."""
     quantizable: int = 0
     """Frozen Linear weights outside the embeddings and the LM head: what a 4-bit base packs."""
 
@@ -251,7 +270,9 @@ def model_shape(hf_config, task: str, lora=None) -> ModelShape:
                       intermediate=config_int(hf_config, "intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim",
                                               default=4 * hidden) or 4 * hidden,
                       heads=heads, kv_heads=config_int(hf_config, "num_key_value_heads", default=heads) or None,
-                      vocab=config_int(hf_config, "vocab_size"), quantizable=sum(frozen_linear.values()))
+                      vocab=config_int(hf_config, "vocab_size"), quantizable=sum(frozen_linear.values()),
+                      gated=any(name.rsplit(".", 1)[-1] in ("gate_proj", "gate_up_proj")
+                                for name, _ in model.named_modules()))
 
 
 def model_states(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware,
@@ -295,32 +316,60 @@ def checkpointed_inputs(shape: ModelShape, *, micro_batch: int, seq: int, dtype:
         shape.layers / pipeline)
 
 
-def logits(shape: ModelShape, *, tokens: int, k: int, tiled: bool) -> float:
-    """The logits, their fp32 copy and their gradient; tiled, one tile's worth plus the hidden states' gradient."""
+def logits(shape: ModelShape, *, tokens: int, k: int, tiled: bool, tile_tokens: int | None = None) -> float:
+    """The logits, their fp32 copy and their gradient; tiled, one recomputed tile's, the head's weight gradient
+    and the selected hidden states with their gradient."""
     if not tiled:
         return tokens * shape.vocab * (k + 4) * 2
-    tile = min(tokens, max(1, LOSS_TILE_BYTES // (4 * shape.vocab)))
-    return tile * shape.vocab * (k + 4) * 2 + tokens * shape.hidden * k
+    tile = min(tokens, tile_tokens or max(1, LOSS_TILE_BYTES // (4 * shape.vocab)))
+    recomputed = tile * shape.vocab * (12 + (k if k < 4 else 0))  # fp32 log-softmax, its gradient and the logits'
+    return recomputed + shape.vocab * shape.hidden * k + 2 * tokens * shape.hidden * k
+
+
+def layer_activations(shape: ModelShape, *, tokens: int, micro_batch: int, k: int, attention: str) -> float:
+    """What one layer keeps for its backward, `tokens` per row (the module docstring's formulas)."""
+    sbh = tokens * micro_batch * shape.hidden
+    scores = shape.heads * tokens * tokens * micro_batch
+    if shape.gated:
+        g, r = shape.key_value_heads / shape.heads, shape.intermediate / shape.hidden
+        layer = sbh * ((8 + 2 * g + 4 * r) * k + (8 if k < 4 else 0))
+        return layer + (scores * (4 + (k if k < 4 else 0)) if attention == "eager" else 0)
+    layer = sbh * (15 + 19 * shape.intermediate / (4 * shape.hidden)) * k / 2
+    return layer + (5 * scores * k / 2 if attention == "eager" else 0)
+
+
+def mask_bytes(*, micro_batch: int, seq: int, k: int, attention: str) -> tuple[float, float]:
+    """A masked attention's (boolean [b, 1, s, s] mask, one float copy of it that sdpa keeps for a layer's
+    backward); none with flash-attention."""
+    if attention == "flash_attention_2":
+        return 0.0, 0.0
+    return micro_batch * seq * seq, micro_batch * seq * seq * k
 
 
 def activations(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, checkpointing: bool,
                 attention: str, pipeline: int, accumulation: int, sequence_parallel: int = 1,
-                levers: Levers = NO_LEVERS) -> float:
+                levers: Levers = NO_LEVERS, masked: bool = False, tile_tokens: int | None = None) -> float:
+    """Activation bytes at a rank's peak. `masked`: rows carry an attention mask (packing, or padding of a
+    micro-batch > 1); `tile_tokens`: model.tile_tokens of a tiled loss (None: its default).
+
+    Without checkpointing the peak is the loss's backward: every layer's activations, every mask and the
+    logits at once. With it, the logits are freed before the last layer recomputes, so the peak is the
+    kept inputs and the mask plus the larger of the logits and one recomputed layer."""
     k = 2 if dtype in ("bf16", "fp16") else 4
     local = math.ceil(seq / sequence_parallel)
-    sbh = local * micro_batch * shape.hidden
-    layer = sbh * (15 + 19 * shape.intermediate / (4 * shape.hidden)) * k / 2
-    if attention == "eager":
-        layer += 5 * shape.heads * local * local * micro_batch * k / 2
+    layer = layer_activations(shape, tokens=local, micro_batch=micro_batch, k=k, attention=attention)
     layers = math.ceil(shape.layers / pipeline)
-    if checkpointing:
-        inputs = checkpointed_inputs(shape, micro_batch=micro_batch, seq=seq, dtype=dtype,
-                                     sequence_parallel=sequence_parallel, pipeline=pipeline)
-        kept = (inputs / layers if levers.activation_offload else inputs) + layer
-    else:
-        kept = layer * layers
+    mask, float_mask = mask_bytes(micro_batch=micro_batch, seq=seq, k=k, attention=attention) if masked else (0, 0)
+    loss = logits(shape, tokens=local * micro_batch, k=k, tiled=levers.tiled_loss, tile_tokens=tile_tokens)
     in_flight = min(pipeline, accumulation) if pipeline > 1 else 1
-    return kept * in_flight + logits(shape, tokens=local * micro_batch, k=k, tiled=levers.tiled_loss)
+    # a gated layer's backward holds the gradients of its MLP's three i-wide tensors and two of the hidden states
+    working = local * micro_batch * (3 * shape.intermediate + 2 * shape.hidden) * k if shape.gated else 0
+    if not checkpointing:
+        return (layer + float_mask) * layers * in_flight + mask + max(loss, working)
+    inputs = checkpointed_inputs(shape, micro_batch=micro_batch, seq=seq, dtype=dtype,
+                                 sequence_parallel=sequence_parallel, pipeline=pipeline)
+    kept = inputs / layers if levers.activation_offload else inputs
+    return kept * in_flight + mask + max(loss, layer + float_mask + working)
 
 
 def communication(shape: ModelShape, s: Strategy, *, dtype: str, hw: Hardware, accumulation: int, micro_batch: int,
@@ -479,7 +528,8 @@ def estimate(shape: ModelShape, s: Strategy, *, cfg: RunConfig, hw: Hardware, ba
     gpu_states, host, nvme = model_states(shape, s, dtype=dtype, hw=hw, quantized=levers.quantized)
     acts = activations(shape, micro_batch=micro_batch, seq=seq, dtype=dtype, checkpointing=checkpointing,
                        attention=cfg.model.attn_implementation or "sdpa", pipeline=s.pipeline,
-                       accumulation=accumulation, sequence_parallel=sp, levers=levers)
+                       accumulation=accumulation, sequence_parallel=sp, levers=levers,
+                       masked=cfg.data.packing or micro_batch > 1, tile_tokens=cfg.model.tile_tokens)
     net, all_to_all, pcie = communication(shape, s, dtype=dtype, hw=hw, accumulation=accumulation,
                                           micro_batch=micro_batch, seq=seq, checkpointing=checkpointing)
     if levers.activation_offload:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -238,8 +239,9 @@ def test_8b_full_finetuning_at_32k_tokens_on_8_gpus_needs_a_lever(shapes_8b):
     full, _ = shapes_8b
     cfg, hw = llama3_8b(max_length=32768), Hardware(gpus_per_node=8, nodes=1, gpu_mem_gib=80, cpu_mem_gib=1024)
     today = [e for e in plan_shape(full, cfg, hw, levers=[NO_LEVERS]) if e.strategy.sequence_parallel == 1]
-    # without levers only ZeRO-3 with the optimizer (or everything) on the CPU fits, the slowest rows
-    assert {e.strategy.name for e in today if e.fits} == {"ZeRO-3, optimizer on cpu", "ZeRO-3, params+optimizer on cpu"}
+    # without levers only the slow rows fit: the optimizer (or everything) on the CPU, or 8 pipeline stages
+    assert {e.strategy.name for e in today if e.fits} == {"ZeRO-2, optimizer on cpu", "ZeRO-3, optimizer on cpu",
+                                                          "ZeRO-3, params+optimizer on cpu", "ZeRO-1, pipeline 8"}
     best = plan_shape(full, cfg, hw)[0]
     assert best.fits and best.strategy.offload_optimizer == "none"
     assert best.levers.tiled_loss or best.strategy.sequence_parallel > 1
@@ -292,7 +294,9 @@ def test_tiled_loss_lowers_activations_by_the_logits_and_activation_offload_move
     whole = activations(lora, **kw)
     tiled = activations(lora, levers=Levers(tiled_loss=True), **kw)
     logits = 4096 * 128256 * 6 * 2
-    tile = 523 * 128256 * 6 * 2 + 4096 * 4096 * 2  # tiles of 2^26 / V tokens (256 MiB of fp32 logits) + hidden states
+    # tiles of 2^26 / V tokens (256 MiB of fp32 logits): a recomputed tile's fp32 log-softmax, gradients and bf16
+    # cast, the head's weight gradient, the hidden states and their gradient
+    tile = 523 * 128256 * (12 + 2) + 128256 * 4096 * 2 + 2 * 4096 * 4096 * 2
     assert tiled < whole and whole - tiled == pytest.approx(logits - tile)
     cfg, hw = llama3_8b(lora={"r": 16}), Hardware(gpus_per_node=2, nodes=1, gpu_mem_gib=24, cpu_mem_gib=64)
     batch = BatchMath(micro_batch_size=1, gradient_accumulation_steps=4, data_parallel_size=2)
@@ -317,7 +321,7 @@ def test_nothing_fits_names_only_levers_not_in_use_with_numbers(shapes_8b, monke
     assert not any(e.fits for e in rows)
     advice = nothing_fits(lora, cfg, None, hw, rows)
     assert "lora" not in advice.lower() and "checkpointing" not in advice
-    assert "--gpu-mem 8 gives" in advice and "--nodes 2 gives" in advice and "GiB per GPU" in advice
+    assert re.search(r"--gpu-mem \d+ gives", advice) and "--nodes 2 gives" in advice and "GiB per GPU" in advice
     every = Levers(tiled_loss=True, activation_offload=True, quantized=True)
     monkeypatch.setattr(plan_module, "configured_levers", lambda cfg: (every, 1))
     rows = plan_shape(lora, cfg, hw)
