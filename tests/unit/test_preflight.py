@@ -60,7 +60,9 @@ def test_every_environment_problem_at_once(tmp_path):
         assert fragment in text, text
 
 
-def test_ds_json_problems_surface_with_a_valid_batch(tmp_path):
+def test_ds_json_problems_surface_with_a_valid_batch(tmp_path, monkeypatch):
+    # a CPU without fp16 kernels (DeepSpeed asks the CPU: one with AVX512-FP16 says it has them)
+    monkeypatch.setattr("bigsft.dist.fp16_supported", lambda: False)
     raw = _cfg(tmp_path)
     raw["deepspeed"] = {"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}
     raw["model"]["dtype"] = "fp16"
