@@ -1,7 +1,7 @@
 """Long rows: activation bytes per rank and tokens/s of bigsft's memory levers, as the sequence grows.
 
-    python bench/long_context.py [--lengths 2048 4096 8192 16384] [--budget-mib 256] [--layers 4] [--hidden 128]
-                                 [--vocab 8192] [--family llama|qwen2] [--json PATH]
+    python bench/long_context.py [--lengths 2048 4096 8192 16384] [--budget-mib 1024] [--layers 4] [--hidden 128]
+                                 [--vocab 8192] [--family llama|qwen2] [--variants ...] [--json PATH]
 
 One packed row of T tokens through a Llama-style model (random weights, fp32, on CPU),
 forward and backward, under each variant:
@@ -112,7 +112,7 @@ def measure(model, head, batch, sp=None) -> tuple[int, float]:
     try:
         start = time.perf_counter()
         with counter, sp.active() if sp is not None else contextlib.nullcontext():
-            loss, _ = summed_loss(model, sp.shard(batch) if sp is not None else batch, task="causal_lm", head=head)
+            loss = summed_loss(model, sp.shard(batch) if sp is not None else batch, task="causal_lm", head=head)[0]
             loss.backward()
         seconds = time.perf_counter() - start
     finally:
@@ -156,7 +156,8 @@ def sequence_parallel(lengths, spec: dict) -> dict[int, tuple[int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    parser.add_argument("--budget-mib", type=float, default=256)
+    parser.add_argument("--budget-mib", type=float, default=1024)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -165,11 +166,14 @@ def main() -> None:
     args = parser.parse_args()
     spec = {"family": args.family, "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab}
     results: dict[str, dict[int, tuple[int, float]]] = {}
-    for variant in VARIANTS[:-1]:
+    for variant in args.variants:
+        if variant == "SP 2 + ckpt":
+            results[variant] = sequence_parallel(args.lengths, spec)
+            continue
         model, head = build(spec, variant)
         results[variant] = {n: measure(model, head, row(n, args.vocab)) for n in args.lengths}
-    results[VARIANTS[-1]] = sequence_parallel(args.lengths, spec)
-    planner = {variant: {n: predicted(model, variant, n) for n in args.lengths} for variant in VARIANTS}
+    config = build(spec, "plain")[0]
+    planner = {variant: {n: predicted(config, variant, n) for n in args.lengths} for variant in results}
 
     budget = args.budget_mib * 2**20
     print(f"{args.family} {args.layers} layers × {args.hidden} hidden, vocabulary {args.vocab}, fp32, one packed row per step; "

@@ -37,8 +37,9 @@ heads, g = a_kv/a), vocab V, k bytes per activation value (2, or 4 in fp32), per
     s·b·h·(15 + 19·i/(4h))·k/2   with sdpa / flash attention (no s² score matrix kept)
     + 5·a·s²·b·k/2               with eager attention
   With gradient checkpointing only each layer's input is kept, 2·s·b·h·k/2 per layer, plus one layer
-  recomputed at a time. The logits add s·b·V·(k + 4)·2 (logits, their fp32 copy for the loss, and their
-  gradient). A masked attention (packed rows, or padded rows of a micro-batch > 1) outside
+  recomputed at a time. The loss's backward adds s·b·V·(12 + k·[k < 4]) + V·h·k: the fp32 log-softmax,
+  its gradient and the logits' gradient (in 16-bit also that gradient's cast), and the LM head's weight
+  gradient (the training step holds no reference to the logits themselves). A masked attention (packed rows, or padded rows of a micro-batch > 1) outside
   flash-attention builds a [b, 1, s, s] boolean mask (b·s² bytes), and sdpa keeps a k-byte float copy of
   it for each layer's backward (b·s²·k; under checkpointing, the recomputed layer's). Flash-attention
   takes packed rows as variable-length sequences, with no mask.
@@ -53,9 +54,8 @@ heads, g = a_kv/a), vocab V, k bytes per activation value (2, or 4 in fp32), per
   the attention mask, which each rank builds over the whole gathered sequence.
   Tiled loss: the t = s·b tokens' logits exist one tile at a time, tiles of u = min(t, model.tile_tokens)
   tokens (default 2^26/V, the run's own: one tile's fp32 logits at most 256 MiB); the logits term becomes
-  u·V·(12 + k·[k < 4]) + V·h·k + 2·t·h·k: a tile recomputed in backward holds its fp32 log-softmax, its
-  gradient and the logits' (and in 16-bit their cast), the head's weight gradient is formed whole, and
-  the selected hidden states and their gradient, filled tile by tile, are whole.
+  u·V·(12 + k·[k < 4]) + V·h·k + 2·t·h·k: a tile recomputed in backward holds what the whole loss held,
+  for u tokens, and the selected hidden states and their gradient, filled tile by tile, are whole.
   Activation offload (with checkpointing): the checkpointed inputs, 2·s·b·h·k/2 per layer, go to host
   memory, one layer's stays on the GPU; the host holds them for each of the node's G ranks.
 
@@ -317,13 +317,14 @@ def checkpointed_inputs(shape: ModelShape, *, micro_batch: int, seq: int, dtype:
 
 
 def logits(shape: ModelShape, *, tokens: int, k: int, tiled: bool, tile_tokens: int | None = None) -> float:
-    """The logits, their fp32 copy and their gradient; tiled, one recomputed tile's, the head's weight gradient
-    and the selected hidden states with their gradient."""
+    """The loss's backward: the fp32 log-softmax, its gradient and the logits' (in 16-bit also their cast) and
+    the head's weight gradient; tiled, one recomputed tile's worth and the selected hidden states with their
+    gradient."""
+    per_logit = 12 + (k if k < 4 else 0)  # the fp32 log-softmax, its gradient and the logits' (+ its 16-bit cast)
     if not tiled:
-        return tokens * shape.vocab * (k + 4) * 2
+        return tokens * shape.vocab * per_logit + shape.vocab * shape.hidden * k
     tile = min(tokens, tile_tokens or max(1, LOSS_TILE_BYTES // (4 * shape.vocab)))
-    recomputed = tile * shape.vocab * (12 + (k if k < 4 else 0))  # fp32 log-softmax, its gradient and the logits'
-    return recomputed + shape.vocab * shape.hidden * k + 2 * tokens * shape.hidden * k
+    return tile * shape.vocab * per_logit + shape.vocab * shape.hidden * k + 2 * tokens * shape.hidden * k
 
 
 def layer_activations(shape: ModelShape, *, tokens: int, micro_batch: int, k: int, attention: str) -> float:

@@ -70,10 +70,8 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     if int(starts.sum()) == position_ids.shape[0]:
         return None
     segment = starts.cumsum(dim=1)
-    same = segment[:, :, None] == segment[:, None, :]
-    t = position_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return (same & causal)[:, None]
+    mask = segment[:, :, None] == segment[:, None, :]
+    return mask.tril_()[:, None]  # in place: one [B, T, T] boolean at a time, T² bytes a row at 32k tokens is 1 GiB
 
 
 def _packed_sdpa(module, query, key, value, attention_mask, *args, **kwargs):

@@ -132,7 +132,7 @@ class ZeroSteps:
         for i, micro in enumerate(window):
             # backward too: gradient checkpointing recomputes layers, their attention split as in forward
             with self._split_attention():
-                loss, _ = self.forward(micro)
+                loss = self.forward(micro)[0]  # the logits not held: backward frees them after the loss's step
                 engine.backward(loss * (scale * caller_scale), scale_wrt_gas=False)
             loss_sum += loss.detach().double().cpu()
             if self.own_grad_norm and i == len(window) - 1:

@@ -67,4 +67,4 @@ def test_planner_activations_match_measured_peaks_with_sequence_parallel_and_til
         assert peak["checkpointing"] < peak["plain"] and peak["SP 2 + ckpt"] < 0.7 * peak["checkpointing"]
         assert peak["ckpt + offload"] < peak["checkpointing"]
     llama = {variant: by_length["2048"]["measured"] for variant, by_length in reports["llama"].items()}
-    assert llama["ckpt + tiled"] < 0.5 * llama["checkpointing"]  # the logits no longer exist whole
+    assert llama["ckpt + tiled"] < 0.7 * llama["checkpointing"]  # the logits no longer exist whole
