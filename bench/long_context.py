@@ -1,6 +1,6 @@
 """Long rows: activation bytes per rank and tokens/s of bigsft's memory levers, as the sequence grows.
 
-    python bench/long_context.py [--lengths 2048 4096 8192 16384] [--budget-mib 1024] [--layers 4] [--hidden 128]
+    python bench/long_context.py [--lengths 2048 4096 8192 16384] [--budget-mib 512] [--layers 4] [--hidden 128]
                                  [--vocab 8192] [--family llama|qwen2] [--variants ...] [--json PATH]
 
 One packed row of T tokens through a Llama-style model (random weights, fp32, on CPU),
@@ -156,7 +156,7 @@ def sequence_parallel(lengths, spec: dict) -> dict[int, tuple[int, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    parser.add_argument("--budget-mib", type=float, default=1024)
+    parser.add_argument("--budget-mib", type=float, default=512)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
