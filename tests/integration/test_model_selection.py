@@ -124,30 +124,36 @@ def _tensors(final) -> dict:
     return load_file(final / "model.safetensors")
 
 
+PATIENCE = 10
+
+
 @pytest.mark.slow
 def test_resume_after_a_signal_keeps_the_best_and_the_patience_count(tmp_path, llama_dir):
-    """A high constant LR: eval/loss bottoms out at one eval, then several evals do not beat it and patience 4
-    stops the run. The same run, signalled once an eval has not beaten the best (evals_since_best 1 or more),
-    saves and exits 75; its relaunch must end exactly where the uninterrupted run ended: a best_value or a
-    patience count lost or reset on resume moves the best step or the stop."""
+    """early_stopping_min_delta 100: no eval can beat the first one by that much (eval/loss falls by far less
+    on any CPU's kernels), so the first eval stays the best and patience 10 stops the run at the 11th. The
+    same run, signalled once an eval has not beaten the best (evals_since_best 1 or more), saves and exits
+    75; its relaunch must end exactly where the uninterrupted run ended: a best_value or a patience count
+    lost or reset on resume moves the best step or the stop."""
     records = tiny.alpaca_records(200, seed=11)
     train = tiny.write_jsonl(tmp_path / "train.jsonl", records[:168])
     evaluation = tiny.write_jsonl(tmp_path / "eval.jsonl", records[168:])
-    cfg = causal_config(tmp_path, llama_dir, train, evaluation, max_steps=40, lr=3e-2, lr_schedule="constant",
-                        eval_every=2, save_every=2, keep_last=1, best_metric="eval/loss", final="best",
-                        early_stopping_patience=4)
+    cfg = causal_config(tmp_path, llama_dir, train, evaluation, max_steps=40, eval_every=2, save_every=2,
+                        keep_last=1, best_metric="eval/loss", final="best", early_stopping_patience=PATIENCE,
+                        early_stopping_min_delta=100.0)
     ref, out = tmp_path / "reference", tmp_path / "run"
     # The reference depends on no timing: in the background (conftest's Background) beside the run signalled.
     background = Background([(launch_command([str(cfg), f"output_dir={ref}"], launcher="plain"), launch_env())],
                             timeout=600)
-    proc = subprocess.Popen(launch_command([str(cfg), f"output_dir={out}"], launcher="plain"), env=launch_env(),
+    # Its steps slowed (tests/slow_steps): the signal lands while evals remain, not after a millisecond-step stop.
+    slow = launch_env({"PYTHONPATH": str(REPO / "tests" / "slow_steps")})
+    proc = subprocess.Popen(launch_command([str(cfg), f"output_dir={out}"], launcher="plain"), env=slow,
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while True:  # until an eval that does not beat an earlier one (evals_since_best >= 1 until the stop)
+        while True:  # until the second eval, which does not beat the first (evals_since_best >= 1 until the stop)
             evals = _logged_evals(out)
-            if len(evals) >= 2 and evals[-1][1] >= min(v for _, v in evals[:-1]):
+            if len(evals) >= 2:
                 break
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else ""
             time.sleep(0.02)
@@ -168,12 +174,12 @@ def test_resume_after_a_signal_keeps_the_best_and_the_patience_count(tmp_path, l
             proc.wait()
     check(reference)
     want = _evals(ref)
-    best_step, best_value = min(want, key=lambda e: (e[1], e[0]))
+    best_step, best_value = want[0]  # none beats it by early_stopping_min_delta
     last = want[-1][0]
     # The reference is the case under test: a best before the last eval, patience run out before max_steps;
     # and the interruption fell between them, leaving the relaunch evals to count.
     assert best_step < interrupted["step"] < last and [s for s, _ in want if s > best_step] == [
-        best_step + 2, best_step + 4, best_step + 6, best_step + 8] and last < 40
+        best_step + 2 * i for i in range(1, PATIENCE + 1)] and last < 40
     assert f"stopping early at step {last}" in reference.stdout and f"stopping early at step {last}" in resumed.stdout
     # The same evals, the same train steps (each once), the same selection.
     got = _evals(out)
@@ -189,7 +195,7 @@ def test_resume_after_a_signal_keeps_the_best_and_the_patience_count(tmp_path, l
     assert kept == sorted(p.name for p in (ref / "checkpoints").iterdir())
     assert kept == ["best.json", f"step_{best_step:08d}", f"step_{last:08d}"]
     end, end_ref = (json.loads((d / "checkpoints" / f"step_{last:08d}" / "trainer.json").read_text()) for d in (out, ref))
-    assert end_ref["step"] == last and end_ref["evals_since_best"] == 4
+    assert end_ref["step"] == last and end_ref["evals_since_best"] == PATIENCE
     for key in ("step", "best_step", "evals_since_best", "last_eval_step", "trained_tokens"):
         assert end[key] == end_ref[key], key
     assert end["best_value"] == pytest.approx(end_ref["best_value"], abs=1e-6)
