@@ -39,10 +39,11 @@ heads, g = a_kv/a), vocab V, k bytes per activation value (2, or 4 in fp32), per
   With gradient checkpointing only each layer's input is kept, 2·s·b·h·k/2 per layer, plus one layer
   recomputed at a time. The loss's backward adds s·b·V·(12 + k·[k < 4]) + V·h·k: the fp32 log-softmax,
   its gradient and the logits' gradient (in 16-bit also that gradient's cast), and the LM head's weight
-  gradient (the training step holds no reference to the logits themselves). A masked attention (packed rows, or padded rows of a micro-batch > 1) outside
-  flash-attention builds a [b, 1, s, s] boolean mask (b·s² bytes), and sdpa keeps a k-byte float copy of
-  it for each layer's backward (b·s²·k; under checkpointing, the recomputed layer's). Flash-attention
-  takes packed rows as variable-length sequences, with no mask.
+  gradient (the training step holds no reference to the logits themselves). A masked attention (packed
+  rows, or padded rows of a micro-batch > 1) outside flash-attention builds a [b, 1, s, s] boolean mask
+  (b·s² bytes), and sdpa keeps a k-byte float copy of it for each layer's backward (b·s²·k; under
+  checkpointing, the recomputed layer's). Flash-attention takes packed rows as variable-length
+  sequences, with no mask.
   A gated layer's backward adds its working gradients, s·b·(3i + 2h)·k. The peak: every layer's kept
   activations (all of them, or under checkpointing their inputs) and the masks, plus the larger of the
   logits and the last layer's backward (its working gradients; under checkpointing its recomputed
@@ -353,9 +354,9 @@ def activations(shape: ModelShape, *, micro_batch: int, seq: int, dtype: str, ch
     """Activation bytes at a rank's peak. `masked`: rows carry an attention mask (packing, or padding of a
     micro-batch > 1); `tile_tokens`: model.tile_tokens of a tiled loss (None: its default).
 
-    Without checkpointing the peak is the loss's backward: every layer's activations, every mask and the
-    logits at once. With it, the logits are freed before the last layer recomputes, so the peak is the
-    kept inputs and the mask plus the larger of the logits and one recomputed layer."""
+    The peak: what every layer keeps (all its activations, or under checkpointing its input) and the masks,
+    plus the larger of the loss's backward and the last layer's (its working gradients; under checkpointing
+    its recomputed activations too), since the logits are freed before the last layer's backward."""
     k = 2 if dtype in ("bf16", "fp16") else 4
     local = math.ceil(seq / sequence_parallel)
     layer = layer_activations(shape, tokens=local, micro_batch=micro_batch, k=k, attention=attention)
